@@ -1,0 +1,357 @@
+"""The script vocabulary: what a fake server can be told to do, checked before it runs.
+
+A script is a sequence of steps. Users write it with plain values (``RECEIVE``, ints, str and
+bytes) and the step classes below; :func:`compile_script` turns it into a tuple of validated,
+machine-ready steps, raising ``TypeError``/``ValueError`` that names the bad step in the caller's
+thread. Nothing here does I/O.
+
+Every user step compiles to one of five shapes, so the step machine has one path per idea:
+
+* :class:`ReadStep`: read until a condition on this step's bytes holds (``RECEIVE``, ``int``,
+  :class:`ReadUntil`, :class:`Expect`);
+* :class:`SendStep`: send this view, maybe in timed slices (``str``/``bytes``, :class:`Drip`,
+  :class:`Garbage`);
+* :class:`Delay` (a pause) and :class:`Throttle` (a cap on later sends), used as they are;
+* a :class:`Command` (``HANGUP``, ``RESET``, ``HALF_CLOSE``, ``STALL``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Union
+
+__all__ = [
+    "BREAK",
+    "HALF_CLOSE",
+    "HANGUP",
+    "RECEIVE",
+    "RESET",
+    "STALL",
+    "Command",
+    "Delay",
+    "Drip",
+    "Expect",
+    "Garbage",
+    "ReadStep",
+    "ReadUntil",
+    "SendStep",
+    "Step",
+    "Throttle",
+    "compile_script",
+]
+
+
+class Command(enum.Enum):
+    """Script steps that take no argument."""
+
+    RECEIVE = "RECEIVE"
+    """Read whatever arrives (at least one byte)."""
+    HANGUP = "HANGUP"
+    """Close gracefully now (FIN), draining unread input as the end of a script does."""
+    BREAK = "HANGUP"  # noqa: PIE796 - the seed library's name, an alias of HANGUP on purpose
+    RESET = "RESET"
+    """Abort the connection: the peer gets a connection reset (RST, SO_LINGER 0)."""
+    HALF_CLOSE = "HALF_CLOSE"
+    """Shut down the sending side (the peer reads EOF); later steps may still read."""
+    STALL = "STALL"
+    """Do nothing until the peer closes or the server is closed."""
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+RECEIVE = Command.RECEIVE
+HANGUP = Command.HANGUP
+BREAK = Command.BREAK
+RESET = Command.RESET
+HALF_CLOSE = Command.HALF_CLOSE
+STALL = Command.STALL
+
+
+def _check_seconds(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}: {name} must be finite and >= 0, got {value!r}")
+
+
+def _check_count(owner: str, name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value!r}")
+
+
+def _check_seed(owner: str, seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{owner}: seed must be an int, got {seed!r}")
+
+
+def _to_bytes(owner: str, name: str, value: object) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{owner}: {name} must be str or bytes, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    """Pause this connection only, for ``seconds`` plus up to ``jitter`` more.
+
+    The jitter is drawn uniformly from ``[0, jitter]`` by ``random.Random(seed)``, fresh for
+    every connection, so a run replays exactly.
+    """
+
+    seconds: float
+    jitter: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_seconds("Delay", "seconds", self.seconds)
+        _check_seconds("Delay", "jitter", self.jitter)
+        _check_seed("Delay", self.seed)
+
+
+@dataclass(frozen=True, slots=True)
+class Drip:
+    """Send ``data`` in pieces of ``chunk`` bytes, ``interval`` (+ ``jitter``) seconds apart."""
+
+    data: bytes
+    chunk: int = 1
+    interval: float = 0.01
+    jitter: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", _to_bytes("Drip", "data", self.data))
+        _check_count("Drip", "chunk", self.chunk, 1)
+        _check_seconds("Drip", "interval", self.interval)
+        _check_seconds("Drip", "jitter", self.jitter)
+        _check_seed("Drip", self.seed)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadUntil:
+    """Read until ``delimiter`` has arrived; the step takes the bytes up to and including it.
+
+    Bytes after the delimiter stay buffered for the next receive step (pipelining works).
+    """
+
+    delimiter: bytes
+
+    def __post_init__(self) -> None:
+        delimiter = _to_bytes("ReadUntil", "delimiter", self.delimiter)
+        if not delimiter:
+            raise ValueError("ReadUntil: delimiter must not be empty")
+        object.__setattr__(self, "delimiter", delimiter)
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """Read until this step's bytes contain a match of ``pattern`` (``re.search`` semantics).
+
+    The step takes the bytes up to the end of the match. A str pattern is encoded as UTF-8. If
+    the peer closes, the step times out, or the server closes first, ``check()`` reports it.
+    """
+
+    pattern: Union[bytes, str, re.Pattern[bytes], re.Pattern[str]]
+    regex: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        pattern = self.pattern
+        try:
+            if isinstance(pattern, re.Pattern):
+                source = pattern.pattern
+                flags = pattern.flags & ~re.UNICODE
+                regex = re.compile(source.encode() if isinstance(source, str) else source, flags)
+            elif isinstance(pattern, (str, bytes)):
+                regex = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+            else:
+                raise TypeError(
+                    f"Expect: pattern must be str, bytes or re.Pattern, got {pattern!r}"
+                )
+        except re.error as exc:
+            raise ValueError(f"Expect: bad pattern {pattern!r}: {exc}") from None
+        object.__setattr__(self, "regex", regex)
+
+
+@dataclass(frozen=True, slots=True)
+class Throttle:
+    """Cap the sends that follow at ``bytes_per_second``; ``Throttle(None)`` lifts the cap."""
+
+    bytes_per_second: float | None
+
+    def __post_init__(self) -> None:
+        rate = self.bytes_per_second
+        if rate is None:
+            return
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+            raise TypeError(f"Throttle: bytes_per_second must be a number or None, got {rate!r}")
+        if not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"Throttle: bytes_per_second must be finite and > 0, got {rate!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Garbage:
+    """Send ``n`` reproducible random bytes: a server speaking nonsense."""
+
+    n: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_count("Garbage", "n", self.n, 0)
+        _check_seed("Garbage", self.seed)
+
+    @property
+    def data(self) -> bytes:
+        """The bytes this step sends: the same for the same ``n`` and ``seed``."""
+        return random.Random(self.seed).randbytes(self.n)
+
+
+# ---- compiled steps: what the step machine runs -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReadStep:
+    """Read until a condition on this step's bytes holds.
+
+    Exactly one condition is set: ``min_bytes`` (RECEIVE is 1, an int is itself; the step takes
+    every byte it has read), ``delimiter`` or ``regex`` (the step takes bytes up to the end of
+    the delimiter or match, and leaves the rest for the next receive step).
+    """
+
+    label: str
+    min_bytes: int = 0
+    delimiter: bytes | None = None
+    regex: re.Pattern[bytes] | None = None
+
+    @property
+    def must_match(self) -> bool:
+        """Whether ending without the condition met is a failure (``Expect``)."""
+        return self.regex is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SendStep:
+    """Send ``data``: whole (``chunk`` None) or in ``chunk``-byte slices ``interval`` apart."""
+
+    label: str
+    data: memoryview
+    chunk: int | None = None
+    interval: float = 0.0
+    jitter: float = 0.0
+    seed: int = 0
+
+
+Step = Union[ReadStep, SendStep, Delay, Throttle, Command]
+UserStep = Union[
+    Command,
+    int,
+    str,
+    bytes,
+    bytearray,
+    memoryview,
+    Delay,
+    Drip,
+    ReadUntil,
+    Expect,
+    Throttle,
+    Garbage,
+]
+
+_EXPECTED = (
+    "expected RECEIVE, an int > 0, str/bytes, or a step "
+    "(HANGUP, RESET, HALF_CLOSE, STALL, Delay, Drip, ReadUntil, Expect, Throttle, Garbage)"
+)
+
+
+def _label(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _compile_step(value: object) -> Step:
+    if isinstance(value, Command):
+        if value is Command.RECEIVE:
+            return ReadStep("RECEIVE", min_bytes=1)
+        return value
+    if isinstance(value, bool):
+        raise TypeError(_EXPECTED)
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("an int step reads at least that many bytes, so it must be > 0")
+        return ReadStep(str(value), min_bytes=value)
+    if isinstance(value, str):
+        return SendStep(_label(value), memoryview(value.encode("utf-8")))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        view = memoryview(value)
+        return SendStep(
+            _label(value), view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        )
+    if isinstance(value, ReadUntil):
+        return ReadStep(_label(value), delimiter=value.delimiter)
+    if isinstance(value, Expect):
+        return ReadStep(_label(value), regex=value.regex)
+    if isinstance(value, Drip):
+        return SendStep(
+            _label(value),
+            memoryview(value.data),
+            value.chunk,
+            value.interval,
+            value.jitter,
+            value.seed,
+        )
+    if isinstance(value, Garbage):
+        return SendStep(_label(value), memoryview(value.data))
+    if isinstance(value, (Delay, Throttle)):
+        return value
+    raise TypeError(_EXPECTED)
+
+
+def compile_script(commands: object, *, name: str = "script") -> tuple[Step, ...]:
+    """Check a user's script and compile it into machine steps.
+
+    Args:
+        commands: a list or tuple of steps, or a bare str/bytes ``S`` meaning ``[RECEIVE, S]``.
+        name: how error messages name the script (``scripts[1]`` for per-connection scripts).
+
+    Raises:
+        TypeError: the script is not a sequence, or a step has the wrong type, e.g.
+            ``script[3] = 3.5: expected RECEIVE, an int > 0, ...``.
+        ValueError: a step has a bad value, e.g. ``script[0] = -1: ... must be > 0``.
+    """
+    if isinstance(commands, (str, bytes, bytearray, memoryview)):
+        commands = [RECEIVE, commands]
+    if not isinstance(commands, (list, tuple)):
+        if isinstance(commands, Iterable) and not isinstance(commands, (dict, set, frozenset)):
+            commands = list(commands)
+        else:
+            raise TypeError(f"{name} must be a list of steps or a str/bytes, got {commands!r}")
+    steps: list[Step] = []
+    for index, value in enumerate(commands):
+        try:
+            step = _compile_step(value)
+            _check_order(steps, step)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}[{index}] = {_label(value)}: {exc}") from None
+        steps.append(step)
+    return tuple(steps)
+
+
+_FINAL = (Command.HANGUP, Command.RESET, Command.STALL)
+
+
+def _check_order(before: list[Step], step: Step) -> None:
+    """Reject a step that could never run, or could not work, after the ones ``before``."""
+    if before and isinstance(before[-1], Command) and before[-1] in _FINAL:
+        raise ValueError(f"no step can follow {before[-1]!r}: it ends the connection")
+    if isinstance(step, SendStep) and Command.HALF_CLOSE in before:
+        raise ValueError("cannot send after HALF_CLOSE shut the sending side")
+    if step is Command.HALF_CLOSE and Command.HALF_CLOSE in before:
+        raise ValueError("the sending side is already shut by an earlier HALF_CLOSE")
