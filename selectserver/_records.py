@@ -1,0 +1,244 @@
+"""What tests assert on: one record per connection, and a server's log of them.
+
+The reactor thread writes these records while tests read them from their own threads. Each
+record is appended to or replaced whole (list appends, attribute stores), which is safe under the
+GIL; waiting for connections to end goes through one ``threading.Condition`` per server.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["DEFAULT_MAX_RECEIVE", "ConnectionRecord", "Outcome", "ServerLog"]
+
+#: What one connection's record keeps of the bytes it received, unless told otherwise.
+DEFAULT_MAX_RECEIVE = 64 * 1024 * 1024
+
+
+class Outcome(enum.Enum):
+    """How a connection ended."""
+
+    COMPLETED = "completed"
+    """The script ran to its end; the server closed gracefully."""
+    HUNG_UP = "hung up"
+    """The script said HANGUP; the server closed gracefully."""
+    RESET = "reset"
+    """The script said RESET; the server aborted the connection."""
+    PEER_CLOSED = "peer closed"
+    """The peer closed before the script ended."""
+    PEER_RESET = "peer reset"
+    """The peer reset the connection before the script ended."""
+    TIMED_OUT = "timed out"
+    """The peer was silent for longer than the server's ``timeout``."""
+    SERVER_CLOSED = "server closed"
+    """``close()`` ended the connection before the script did."""
+    ERROR = "error"
+    """Something else went wrong (see ``failure``)."""
+
+    def __repr__(self) -> str:
+        return f"Outcome.{self.name}"
+
+
+@dataclass(eq=False)
+class ConnectionRecord:
+    """The transcript of one accepted connection, updated live by the reactor.
+
+    Attributes:
+        index: the connection's number on its server, from 0, in accept order.
+        peer: the client's address, as ``socket.accept()`` gave it.
+        accepted_at: ``time.monotonic()`` when the server accepted it.
+        received: the bytes of each receive step, in order; the last may be the partial bytes
+            of a step that the end of the connection cut short.
+        outcome: how it ended, or None while it is still running.
+        failure: why the connection failed (an unmatched ``Expect``, a timeout, an error),
+            or None. ``check()`` reports every failure.
+        ended_at: ``time.monotonic()`` when it ended, or None.
+        step: the index of the script step running now, or the one where it ended.
+        half_closed: whether the script shut down the sending side (``HALF_CLOSE``).
+        discarded: bytes read and thrown away (during ``STALL`` and the drain after the end).
+        dropped: bytes received but not kept because of ``max_receive``.
+        max_receive: how many received bytes this record keeps at most.
+    """
+
+    index: int
+    peer: object
+    accepted_at: float = field(default_factory=time.monotonic)
+    received: list[bytes] = field(default_factory=list)
+    outcome: Outcome | None = None
+    failure: str | None = None
+    ended_at: float | None = None
+    step: int = 0
+    half_closed: bool = False
+    discarded: int = 0
+    dropped: int = 0
+    max_receive: int = DEFAULT_MAX_RECEIVE
+    kept: int = field(default=0, repr=False)
+    bytes_sent: int = field(default=0, repr=False)
+    _sent: list[memoryview] = field(default_factory=list, repr=False)
+    _on_received: Callable[[bytes], None] | None = field(default=None, repr=False)
+    _on_end: Callable[[ConnectionRecord], None] | None = field(default=None, repr=False)
+    _describe: Callable[[], str] | None = field(default=None, repr=False)
+
+    @property
+    def sent(self) -> bytes:
+        """Every byte the server sent on this connection."""
+        return b"".join(list(self._sent))
+
+    @property
+    def ended(self) -> bool:
+        """Whether the connection has ended."""
+        return self.outcome is not None
+
+    def waiting_for(self) -> str:
+        """What the connection is waiting for now, in words."""
+        if self.outcome is not None:
+            return f"ended: {self.outcome.value}"
+        return self._describe() if self._describe is not None else "starting"
+
+    def keep(self, data: bytes) -> bytes:
+        """What of ``data`` fits under ``max_receive``; the rest is counted in ``dropped``."""
+        room = self.max_receive - self.kept
+        if len(data) > room:
+            self.dropped += len(data) - max(room, 0)
+            data = data[: max(room, 0)]
+        self.kept += len(data)
+        return data
+
+    def add_received(self, data: bytes, step: int) -> None:
+        """A receive step got ``data``."""
+        self.step = step
+        self.received.append(data)
+        if self._on_received is not None:
+            self._on_received(data)
+
+    def add_sent(self, data: memoryview) -> None:
+        """The peer's socket took ``data`` (kept as a view: large payloads are not copied)."""
+        self._sent.append(data)
+        self.bytes_sent += len(data)
+
+    def end(self, outcome: Outcome, failure: str | None, now: float, step: int) -> None:
+        """The connection ended."""
+        if self.outcome is not None:
+            return
+        self.step = step
+        self.failure = failure
+        self.ended_at = now
+        self.outcome = outcome
+        if self._on_end is not None:
+            self._on_end(self)
+
+    def describe(self) -> str:
+        """One line: who, how it ended, what moved."""
+        state = self.outcome.value if self.outcome else f"running step {self.step}"
+        text = (
+            f"connection {self.index} from {_format_peer(self.peer)}: {state}; "
+            f"received {sum(map(len, self.received))} bytes in {len(self.received)} steps, "
+            f"sent {self.bytes_sent} bytes"
+        )
+        return text + (f"; FAILED: {self.failure}" if self.failure else "")
+
+
+def _format_peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer) or "(unnamed)"
+
+
+class ServerLog:
+    """Everything one server saw: its connections, received bytes and failures."""
+
+    def __init__(
+        self,
+        max_receive: int = DEFAULT_MAX_RECEIVE,
+        on_received: Callable[[bytes], None] | None = None,
+        on_end: Callable[[ConnectionRecord], None] | None = None,
+    ) -> None:
+        self.max_receive = max_receive
+        self.received: list[bytes] = []
+        self.connections: list[ConnectionRecord] = []
+        self.failures: list[str] = []
+        self._ended: list[ConnectionRecord] = []
+        self._condition = threading.Condition()
+        self._extra_on_received = on_received
+        self._extra_on_end = on_end
+
+    def new_connection(self, peer: object, now: float) -> ConnectionRecord:
+        """Start the record of a connection accepted at ``now``."""
+        record = ConnectionRecord(
+            len(self.connections),
+            peer,
+            accepted_at=now,
+            max_receive=self.max_receive,
+            _on_received=self._received,
+            _on_end=self._end,
+        )
+        self.connections.append(record)
+        return record
+
+    def add_failure(self, message: str) -> None:
+        """Something went wrong outside any one connection (or killed one: see ``check``)."""
+        with self._condition:
+            self.failures.append(message)
+            self._condition.notify_all()
+
+    def _received(self, data: bytes) -> None:
+        self.received.append(data)
+        if self._extra_on_received is not None:
+            self._extra_on_received(data)
+
+    def _end(self, record: ConnectionRecord) -> None:
+        with self._condition:
+            self._ended.append(record)
+            self._condition.notify_all()
+        if self._extra_on_end is not None:
+            self._extra_on_end(record)
+
+    def wait_for_connections(self, n: int, timeout: float | None) -> list[ConnectionRecord]:
+        """Block until ``n`` connections have ended; return the first ``n`` to end.
+
+        They are returned in accept order. Raises ``TimeoutError`` saying what each unfinished
+        connection still waits for, or how many connections never arrived.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"wait_for_connections: n must be an int >= 0, got {n!r}")
+        with self._condition:
+            if not self._condition.wait_for(lambda: len(self._ended) >= n, timeout):
+                raise TimeoutError(self._describe_wait(n, timeout))
+            return sorted(self._ended[:n], key=lambda record: record.index)
+
+    def _describe_wait(self, n: int, timeout: float | None) -> str:
+        lines = [
+            f"{len(self._ended)} of {n} connections ended within {timeout} s "
+            f"({len(self.connections)} accepted)"
+        ]
+        lines += [
+            f"  {record.describe()}; {waiting}" for record, waiting in self.running_connections()
+        ]
+        if len(self.connections) < n:
+            lines.append(f"  {n - len(self.connections)} expected connections were never accepted")
+        return "\n".join(lines)
+
+    def running_connections(self) -> list[tuple[ConnectionRecord, str]]:
+        """Live records, each with what it is waiting for."""
+        return [
+            (record, record.waiting_for()) for record in list(self.connections) if not record.ended
+        ]
+
+    def check(self) -> None:
+        """Raise ``AssertionError`` listing every failure; silent when all is well."""
+        problems = list(self.failures)
+        problems += [
+            f"connection {record.index} from {_format_peer(record.peer)}: {record.failure}"
+            for record in list(self.connections)
+            if record.failure
+        ]
+        if problems:
+            raise AssertionError(
+                f"{len(problems)} server-side failure(s):\n"
+                + "\n".join(f"  - {problem}" for problem in problems)
+            )
