@@ -1,0 +1,400 @@
+"""Socket glue: the only accept/recv/send/shutdown calls in selectserver.
+
+A :class:`Listener` is the reactor's side of one fake server: its listening socket, its scripts
+and its live connections. A :class:`Connection` carries out what its step machine asks for on one
+accepted socket. Both run only on the reactor thread, and both are handlers: the reactor calls
+``on_event(mask)`` when the selector reports their socket, ``on_timer(now, when)`` when a timer
+they armed is due, and ``crash(exc)`` if either raised, which ends only that one object.
+
+Sockets are closed so the peer sees what the script means:
+
+* a graceful end (``COMPLETED``, ``HUNG_UP``) sends FIN, then *drains*: it reads and discards
+  what the peer still sends until the peer closes, for at most ``DRAIN_SECONDS`` and
+  ``DRAIN_BYTES``. Closing a socket with unread input would send RST instead, so a client whose
+  request the script read only in part still sees a clean EOF;
+* ``RESET`` closes with ``SO_LINGER`` 0, which sends RST;
+* anything else closes at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import socket
+import struct
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING
+
+from ._machine import Done, Receive, Send, ShutdownWrite, StepMachine, Wait
+from ._records import ConnectionRecord, Outcome, ServerLog
+from ._script import Step
+
+if TYPE_CHECKING:
+    from ._reactor import Reactor
+
+__all__ = ["Connection", "Listener"]
+
+logger = logging.getLogger("selectserver")
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+
+#: bytes asked of one recv()
+RECV_SIZE = 256 * 1024
+#: accepts per readiness event, so one busy listener cannot starve the others
+ACCEPT_BATCH = 64
+#: how long a listener out of file descriptors pauses before accepting again
+ACCEPT_RETRY_SECONDS = 0.05
+#: after a graceful end, how long and how much to read while waiting for the peer to close
+DRAIN_SECONDS = 2.0
+DRAIN_BYTES = 64 * 1024 * 1024
+#: errors of accept() that mean "out of resources", not "this connection failed"
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+_DRAIN_BUFFER = bytearray(RECV_SIZE)  # only the reactor thread drains, so one buffer serves all
+
+
+def format_address(address: object) -> str:
+    """``host:port``, ``[v6]:port``, or a Unix socket's path."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(address, bytes):
+        address = address.decode("utf-8", "backslashreplace")
+    return str(address) or "(unnamed)"
+
+
+class Listener:
+    """One fake server on the reactor: accepts connections and runs a script on each."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        scripts: tuple[tuple[Step, ...], ...],
+        log: ServerLog,
+        *,
+        verbose: bool,
+        timeout: float | None,
+        max_connections: int | None,
+    ) -> None:
+        self.sock: socket.socket | None = sock
+        self.name = format_address(sock.getsockname())
+        self.scripts = scripts
+        self.log = log
+        self.verbose = verbose
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.connections: set[Connection] = set()
+        self.accepted = 0
+        self.closed = threading.Event()  # set once its sockets are all closed
+        self.reactor: Reactor | None = None
+        self._mask = 0
+
+    def event(self, message: str, *args: object) -> None:
+        """Report an event: a ``SERVER:`` line when verbose, and a DEBUG log record always."""
+        if self.verbose:
+            print(f"SERVER: {self.name} " + (message % args if args else message), flush=True)
+        logger.debug("%s " + message, self.name, *args)
+
+    # ---- called by the reactor ----------------------------------------------------------------
+
+    def attach(self, reactor: Reactor) -> None:
+        """Start accepting on ``reactor``."""
+        self.reactor = reactor
+        if self.sock is not None:
+            self._listen(True)
+            self.event("listening")
+
+    def on_event(self, mask: int) -> None:
+        """The listening socket is readable: accept what is waiting, a bounded batch at a time."""
+        for _ in range(ACCEPT_BATCH):
+            if self.sock is None:
+                return
+            try:
+                conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # Pausing instead of spinning: the pending connection stays in the backlog.
+                    self.event("accept failed (%s); pausing %.2f s", exc, ACCEPT_RETRY_SECONDS)
+                    self._listen(False)
+                    assert self.reactor is not None
+                    self.reactor.call_at(time.monotonic() + ACCEPT_RETRY_SECONDS, self)
+                    return
+                if exc.errno == errno.ECONNABORTED:
+                    continue
+                raise
+            self._start(conn, peer)
+            if self.max_connections is not None and self.accepted >= self.max_connections:
+                self.stop_listening()
+                return
+
+    def on_timer(self, now: float, when: float) -> None:
+        """Accept again after running out of file descriptors."""
+        if self.sock is not None:
+            self._listen(True)
+            self.on_event(READ)
+
+    def crash(self, exc: BaseException) -> None:
+        """accept() failed unexpectedly: record it and stop listening; connections go on."""
+        logger.error("%s: listener failed", self.name, exc_info=exc)
+        self.log.add_failure(f"server {self.name}: listener failed: {exc!r}")
+        self.stop_listening()
+
+    def stop_listening(self) -> None:
+        """Close the listening socket: later connects are refused."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            self._listen(False)
+            sock.close()
+            self.event("stopped listening after %d connections", self.accepted)
+
+    def close(self, now: float) -> None:
+        """Close the listening socket and every connection (the server is closing)."""
+        self.stop_listening()
+        for connection in list(self.connections):
+            connection.abort(now)
+        self.closed.set()
+
+    def forget(self, connection: Connection) -> None:
+        """``connection`` has closed its socket."""
+        self.connections.discard(connection)
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _listen(self, on: bool) -> None:
+        mask = READ if on else 0
+        if self.sock is not None and self.reactor is not None and mask != self._mask:
+            self.reactor.update_interest(self.sock, self, self._mask, mask)
+            self._mask = mask
+
+    def _start(self, sock: socket.socket, peer: object) -> None:
+        sock.setblocking(False)
+        now = time.monotonic()
+        index = self.accepted
+        self.accepted += 1
+        record = self.log.new_connection(peer, now)
+        script = self.scripts[min(index, len(self.scripts) - 1)]
+        self.event("#%d accepted from %s", index, format_address(peer))
+        connection = Connection(self, sock, record, script, now)
+        self.connections.add(connection)
+        connection.start(now)
+
+
+class Connection:
+    """Carries out one step machine's actions on one accepted, non-blocking socket."""
+
+    __slots__ = (
+        "_closed",
+        "_drain_until",
+        "_drained",
+        "_mask",
+        "_timer_at",
+        "listener",
+        "machine",
+        "record",
+        "sock",
+    )
+
+    def __init__(
+        self,
+        listener: Listener,
+        sock: socket.socket,
+        record: ConnectionRecord,
+        script: tuple[Step, ...],
+        now: float,
+    ) -> None:
+        self.listener = listener
+        self.sock = sock
+        self.record = record
+        self.machine = StepMachine(script, record, now=now, timeout=listener.timeout)
+        record._describe = self.machine.describe
+        self._mask = 0
+        self._timer_at: float | None = None
+        self._drain_until: float | None = None  # set while draining after a graceful end
+        self._drained = 0
+        self._closed = False
+
+    def start(self, now: float) -> None:
+        """Run the script's first steps."""
+        self._pump(now)
+
+    # ---- handler interface --------------------------------------------------------------------
+
+    def on_event(self, mask: int) -> None:
+        """The socket is ready for what we registered: recv or send."""
+        now = time.monotonic()
+        if self._drain_until is not None:
+            self._drain()
+        elif mask & WRITE:
+            self._pump(now)
+        else:
+            self._receive(now)
+
+    def on_timer(self, now: float, when: float) -> None:
+        """A wait ended or a deadline passed."""
+        if when == self._timer_at:
+            self._timer_at = None
+        if self._closed:
+            return
+        if self._drain_until is not None:
+            if now >= self._drain_until:
+                self._close()
+            return
+        self.machine.tick(now)
+        self._pump(now)
+
+    def crash(self, exc: BaseException) -> None:
+        """Something raised while handling this connection: end it as an ERROR."""
+        logger.error("%s #%d failed", self.listener.name, self.record.index, exc_info=exc)
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        self.machine.fail(f"internal error: {detail}", time.monotonic())
+        self._close()
+
+    def abort(self, now: float) -> None:
+        """The server is closing: end the script here and close the socket."""
+        self.machine.server_closed(now)
+        self._close()
+
+    # ---- the machine's actions ----------------------------------------------------------------
+
+    def _pump(self, now: float) -> None:
+        """Do what the machine asks until it waits for the socket or the clock."""
+        machine = self.machine
+        sock = self.sock
+        while True:
+            action = machine.next_action()
+            kind = type(action)
+            if kind is Receive:
+                assert isinstance(action, Receive)
+                self._want(READ, action.deadline)
+                return
+            if kind is Send:
+                assert isinstance(action, Send)
+                data = action.data
+                try:
+                    sent = sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    self._want(WRITE, action.deadline)
+                    return
+                except BrokenPipeError:
+                    machine.peer_gone(now)
+                    continue
+                except ConnectionResetError:
+                    machine.peer_reset(now)
+                    continue
+                except OSError as exc:
+                    machine.fail(f"send failed: {exc}", now)
+                    continue
+                self.listener.event("#%d sent %d bytes", self.record.index, sent)
+                machine.data_sent(sent, now)
+                if sent < len(data):
+                    self._want(WRITE, action.deadline)
+                    return
+                continue
+            if kind is Wait:
+                assert isinstance(action, Wait)
+                self._want(0, action.until)
+                return
+            if kind is ShutdownWrite:
+                self._shutdown_write()
+                self.listener.event("#%d half-closed (sent FIN)", self.record.index)
+                machine.write_shut(now)
+                continue
+            assert isinstance(action, Done)
+            self._end(action.outcome, now)
+            return
+
+    def _receive(self, now: float) -> None:
+        machine = self.machine
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ConnectionResetError:
+            machine.peer_reset(now)
+        except OSError as exc:
+            machine.fail(f"recv failed: {exc}", now)
+        else:
+            if data:
+                self.listener.event("#%d received %d bytes", self.record.index, len(data))
+            machine.receive_data(data, now)
+        self._pump(now)
+
+    def _want(self, mask: int, wake_at: float | None) -> None:
+        """Register for ``mask`` (only when it changes) and arm a timer for ``wake_at``."""
+        if mask != self._mask:
+            reactor = self.listener.reactor
+            assert reactor is not None
+            reactor.update_interest(self.sock, self, self._mask, mask)
+            self._mask = mask
+        if wake_at is not None and (self._timer_at is None or wake_at < self._timer_at):
+            self._timer_at = wake_at
+            reactor = self.listener.reactor
+            assert reactor is not None
+            reactor.call_at(wake_at, self)
+
+    def _shutdown_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is already gone; the next recv or send says how
+
+    # ---- the end ------------------------------------------------------------------------------
+
+    def _end(self, outcome: Outcome, now: float) -> None:
+        record = self.record
+        self.listener.event(
+            "#%d ended: %s%s",
+            record.index,
+            outcome.value,
+            f" ({record.failure})" if record.failure else "",
+        )
+        if outcome is Outcome.COMPLETED or outcome is Outcome.HUNG_UP:
+            if not record.half_closed:
+                self._shutdown_write()
+            self._drain_until = now + DRAIN_SECONDS
+            self._want(READ, self._drain_until)
+            self._drain()
+            return
+        if outcome is Outcome.RESET:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            except OSError:
+                pass  # already reset by the peer: closing is all that is left
+        self._close()
+
+    def _drain(self) -> None:
+        """Read and discard until the peer closes, so closing sends FIN rather than RST."""
+        for _ in range(4):  # bounded per event; the selector brings us back
+            try:
+                count = self.sock.recv_into(_DRAIN_BUFFER)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                count = 0
+            if count == 0:
+                break
+            self._drained += count
+            self.record.discarded += count
+            if self._drained >= DRAIN_BYTES:
+                break
+        else:
+            return
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._mask:
+            reactor = self.listener.reactor
+            assert reactor is not None
+            reactor.update_interest(self.sock, self, self._mask, 0)
+            self._mask = 0
+        self.sock.close()
+        self.listener.forget(self)
