@@ -1,0 +1,64 @@
+"""selectserver: scriptable, misbehaving TCP servers for tests, all on one reactor thread.
+
+from selectserver import CommandServer, RECEIVE
+with CommandServer([RECEIVE, "HTTP/1.0 200 OK\\r\\n\\r\\nhello"]) as srv:
+    requests.get(srv.url)
+assert b"GET" in b"".join(srv.received)
+"""
+
+from ._reactor import Reactor, ReactorStatistics, statistics
+from ._records import ConnectionRecord, Outcome
+from ._script import (
+    BREAK,
+    HALF_CLOSE,
+    HANGUP,
+    RECEIVE,
+    RESET,
+    STALL,
+    Command,
+    Delay,
+    Drip,
+    Expect,
+    Garbage,
+    ReadUntil,
+    Throttle,
+    compile_script,
+)
+from ._servers import (
+    DEFAULT_TIMEOUT,
+    AsyncioCommandServer,
+    BlackholeServer,
+    CommandServer,
+    OneShotServer,
+    RefusingServer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BREAK",
+    "DEFAULT_TIMEOUT",
+    "HALF_CLOSE",
+    "HANGUP",
+    "RECEIVE",
+    "RESET",
+    "STALL",
+    "AsyncioCommandServer",
+    "BlackholeServer",
+    "Command",
+    "CommandServer",
+    "ConnectionRecord",
+    "Delay",
+    "Drip",
+    "Expect",
+    "Garbage",
+    "OneShotServer",
+    "Outcome",
+    "Reactor",
+    "ReactorStatistics",
+    "ReadUntil",
+    "RefusingServer",
+    "Throttle",
+    "compile_script",
+    "statistics",
+]

@@ -1,0 +1,416 @@
+"""The public fake servers: CommandServer, OneShotServer, AsyncioCommandServer.
+
+A server checks its script and binds its listening socket in the caller's thread (so a bad step
+raises TypeError/ValueError and a taken port raises OSError right there), then hands the socket
+to the shared reactor. Listening starts before the constructor returns: the kernel queues
+connections until the reactor accepts them, so there is nothing to wait for.
+
+Also here: RefusingServer and BlackholeServer, which hold a port without serving it, for tests
+of connect errors and connect timeouts. They need no reactor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import math
+import socket
+import threading
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from ._connection import Listener, format_address
+from ._reactor import Reactor, attach
+from ._records import DEFAULT_MAX_RECEIVE, ConnectionRecord, ServerLog
+from ._script import Step, compile_script
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "AsyncioCommandServer",
+    "BlackholeServer",
+    "CommandServer",
+    "OneShotServer",
+    "RefusingServer",
+]
+
+#: Seconds a receive or send step waits for the peer before the connection times out.
+DEFAULT_TIMEOUT = 30.0
+
+
+def _bind(host: str, port: int, *, listen: bool, backlog: int = socket.SOMAXCONN) -> socket.socket:
+    """A TCP socket bound to ``(host, port)``, listening if asked; errors raise ``OSError`` here."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
+    if not isinstance(host, str):
+        raise TypeError(f"host must be a str, got {host!r}")
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if hasattr(socket, "SO_REUSEADDR") and socket.SO_REUSEADDR:
+            # Lets a fixed port be reused while old connections sit in TIME_WAIT; on POSIX it
+            # never lets two sockets listen on one port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        if listen:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _check_seconds(name: str, value: object, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a number of seconds{' or None' if allow_none else ''}, got {value!r}"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+
+
+def _compile_scripts(commands: object, scripts: object) -> tuple[tuple[Step, ...], ...]:
+    if scripts is None:
+        if commands is None:
+            raise TypeError("give a script: commands=[...] (or scripts=[[...], ...])")
+        return (compile_script(commands),)
+    if commands is not None:
+        raise TypeError("give commands= or scripts=, not both")
+    if isinstance(scripts, (str, bytes)) or not isinstance(scripts, Sequence) or not scripts:
+        raise TypeError(f"scripts must be a non-empty list of scripts, got {scripts!r}")
+    return tuple(
+        compile_script(script, name=f"scripts[{index}]") for index, script in enumerate(scripts)
+    )
+
+
+class _Endpoint:
+    """What every fake server shares: an address, and a context manager that closes it."""
+
+    _sock_name: tuple[str, int]
+
+    @property
+    def host(self) -> str:
+        """The host the server listens on (an IP address, as bound)."""
+        return self._sock_name[0]
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on (chosen by the OS unless one was given)."""
+        return self._sock_name[1]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)``, ready for ``socket.create_connection``."""
+        return (self.host, self.port)
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` (IPv6 hosts in brackets)."""
+        return f"http://{format_address(self._sock_name)}"
+
+    def close(self) -> None:  # pragma: no cover - every subclass has its own
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """The same as :meth:`close` (the seed library's name)."""
+        self.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class CommandServer(_Endpoint):
+    """A fake TCP server that plays a script to every client, on the shared reactor thread.
+
+    Example::
+
+        with CommandServer([RECEIVE, "HTTP/1.0 200 OK\\r\\n\\r\\nhello"]) as srv:
+            requests.get(srv.url)
+        assert b"GET" in b"".join(srv.received)
+
+    Args:
+        commands: the script every connection runs: a list of steps, or a bare str/bytes ``S``
+            meaning ``[RECEIVE, S]``. An empty list accepts and closes.
+        host: where to listen; ``"::1"`` for IPv6.
+        port: the port; 0 (the default) lets the OS choose a free one.
+        verbose: print a ``SERVER: ...`` line per event (every event is also logged to the
+            ``selectserver`` logger at DEBUG).
+        scripts: per-connection scripts instead of ``commands``: connection k runs
+            ``scripts[k]``, and later connections run the last one.
+        max_connections: stop listening after this many accepted connections.
+        timeout: seconds a receive or send step waits for the peer before the connection
+            ends as ``TIMED_OUT`` (a failure ``check()`` reports); None waits forever.
+        max_receive: how many received bytes each connection's record keeps at most; the rest
+            is counted in the record's ``dropped``. A ``ReadUntil``/``Expect`` step that has
+            buffered this many bytes without a match fails.
+
+    Raises:
+        TypeError, ValueError: a bad script or argument, naming the bad step.
+        OSError: the address cannot be bound (in use, unknown host).
+    """
+
+    def __init__(
+        self,
+        commands: object = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        verbose: bool = True,
+        *,
+        scripts: Sequence[object] | None = None,
+        max_connections: int | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_receive: int = DEFAULT_MAX_RECEIVE,
+    ) -> None:
+        compiled = _compile_scripts(commands, scripts)
+        if max_connections is not None and (
+            isinstance(max_connections, bool)
+            or not isinstance(max_connections, int)
+            or max_connections < 1
+        ):
+            raise ValueError(
+                f"max_connections must be an int >= 1 or None, got {max_connections!r}"
+            )
+        _check_seconds("timeout", timeout, allow_none=True)
+        if isinstance(max_receive, bool) or not isinstance(max_receive, int) or max_receive < 0:
+            raise ValueError(f"max_receive must be an int >= 0, got {max_receive!r}")
+        self._log = self._make_log(max_receive)
+        sock = _bind(host, port, listen=True)
+        self._sock_name = sock.getsockname()[:2]
+        self._listener = Listener(
+            sock,
+            compiled,
+            self._log,
+            verbose=bool(verbose),
+            timeout=timeout,
+            max_connections=max_connections,
+        )
+        self._close_lock = threading.Lock()
+        self._closing = False
+        self._reactor: Reactor = attach(self._listener)
+
+    def _make_log(self, max_receive: int) -> ServerLog:
+        return ServerLog(max_receive)
+
+    @property
+    def received(self) -> list[bytes]:
+        """The bytes of every completed receive step, all connections, in completion order."""
+        return self._log.received
+
+    @property
+    def connections(self) -> list[ConnectionRecord]:
+        """One live record per accepted connection, in accept order."""
+        return list(self._log.connections)
+
+    def wait_for_connections(self, n: int, timeout: float | None = 5.0) -> list[ConnectionRecord]:
+        """Block until ``n`` connections have ended; return the first ``n`` that ended.
+
+        The records come in accept order.
+
+        Raises:
+            TimeoutError: after ``timeout`` seconds, naming what each unfinished connection is
+                waiting for and how many never connected.
+        """
+        return self._log.wait_for_connections(n, timeout)
+
+    def check(self) -> None:
+        """Raise ``AssertionError`` listing every server-side failure; silent if none.
+
+        Failures are unmatched ``Expect`` steps, timeouts and internal errors, each named with
+        its connection and step.
+        """
+        self._raise_reactor_error()
+        self._log.check()
+
+    def close(self) -> None:
+        """Stop listening and close every connection; idempotent and thread-safe.
+
+        Returns once the reactor has closed the listening socket and every connection.
+        Raises ``RuntimeError`` if the reactor thread itself failed (the error is chained).
+        """
+        with self._close_lock:
+            first = not self._closing
+            self._closing = True
+        reactor = self._reactor
+        if first and not reactor.remove_server(self._listener):
+            self._listener.closed.set()  # the reactor already stopped, closing everything
+        if threading.current_thread() is not reactor.thread:
+            self._listener.closed.wait()
+            if reactor.stopping:
+                reactor.join()
+        self._raise_reactor_error()
+
+    def _raise_reactor_error(self) -> None:
+        error = self._reactor.error
+        if error is not None:
+            raise RuntimeError(f"the selectserver reactor thread failed: {error!r}") from error
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closing else "serving"
+        return (
+            f"<{type(self).__name__} {self.url} {state}, {len(self._log.connections)} connections>"
+        )
+
+
+class OneShotServer(CommandServer):
+    """A CommandServer that serves one connection, then stops listening (later connects fail)."""
+
+    def __init__(
+        self,
+        commands: object = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        verbose: bool = True,
+        *,
+        scripts: Sequence[object] | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_receive: int = DEFAULT_MAX_RECEIVE,
+    ) -> None:
+        super().__init__(
+            commands,
+            host,
+            port,
+            verbose,
+            scripts=scripts,
+            max_connections=1,
+            timeout=timeout,
+            max_receive=max_receive,
+        )
+
+
+class AsyncioCommandServer(CommandServer):
+    """A CommandServer that also feeds what it receives into an ``asyncio.StreamReader``.
+
+    Every completed receive step's bytes are fed with ``loop.call_soon_threadsafe``, and EOF is
+    fed when a connection ends, so a coroutine can ``await server.reader.read()``.
+
+    Args:
+        loop: the event loop of ``reader``. If None, the running loop (construct the server
+            inside a coroutine); outside one, pass it.
+        reader: the StreamReader to feed; if None, a new one (``server.reader``).
+        Other arguments are CommandServer's.
+    """
+
+    def __init__(
+        self,
+        commands: object = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        reader: asyncio.StreamReader | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        verbose: bool = True,
+        **kwargs: object,
+    ) -> None:
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise TypeError(
+                    "AsyncioCommandServer needs loop= when it is not constructed "
+                    "inside a running event loop"
+                ) from None
+        if not isinstance(loop, asyncio.AbstractEventLoop):
+            raise TypeError(f"loop must be an asyncio event loop, got {loop!r}")
+        if reader is None:
+            reader = asyncio.StreamReader(loop=loop)
+        elif not isinstance(reader, asyncio.StreamReader):
+            raise TypeError(f"reader must be an asyncio.StreamReader, got {reader!r}")
+        self.loop = loop
+        self.reader = reader
+        self._eof_fed = False  # touched only in the loop's thread
+        super().__init__(commands, host, port, verbose, **kwargs)  # type: ignore[arg-type]
+
+    def _make_log(self, max_receive: int) -> ServerLog:
+        return ServerLog(max_receive, on_received=self._feed_data, on_end=self._feed_eof)
+
+    def _feed_data(self, data: bytes) -> None:
+        self._call_in_loop(data)
+
+    def _feed_eof(self, record: ConnectionRecord) -> None:
+        self._call_in_loop(b"")
+
+    def _call_in_loop(self, data: bytes) -> None:
+        """Run ``_feed_in_loop(data)`` in the loop's thread (``b""`` feeds EOF)."""
+        try:
+            self.loop.call_soon_threadsafe(self._feed_in_loop, data)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is left to read
+
+    def _feed_in_loop(self, data: bytes) -> None:
+        if self._eof_fed:
+            return  # a StreamReader takes no data after EOF
+        if data:
+            self.reader.feed_data(data)
+        else:
+            self._eof_fed = True
+            self.reader.feed_eof()
+
+
+class _HeldPort(_Endpoint):
+    """A bound port that is never served."""
+
+    def __init__(self, host: str, port: int, *, listen: bool) -> None:
+        self._sock: socket.socket | None = _bind(host, port, listen=listen, backlog=0)
+        self._sock_name = self._sock.getsockname()[:2]
+        self._extra: list[socket.socket] = []
+
+    def close(self) -> None:
+        """Release the port."""
+        for sock in self._extra:
+            sock.close()
+        self._extra.clear()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class RefusingServer(_HeldPort):
+    """Holds a port (bound, never listening) so every connect to it is refused.
+
+    Unlike closing a server and hoping its port stays free, no other process can take the port
+    while this object lives. On Linux and macOS a client gets ``ConnectionRefusedError``
+    (ECONNREFUSED) at once; on Windows the connect fails with WSAECONNREFUSED after the stack's
+    SYN retries (about 2 s).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port, listen=False)
+
+
+class BlackholeServer(_HeldPort):
+    """A listener that never accepts and whose backlog is full, so connects time out.
+
+    It listens with a backlog of 0 and fills the accept queue with its own connections; the
+    kernel then drops further SYNs. On Linux a client's ``connect`` hangs until its own timeout
+    (``socket.timeout``/``TimeoutError``; with no timeout, about two minutes of SYN retries).
+    macOS behaves the same; on Windows a full backlog answers with RST, so clients see
+    ``ConnectionRefusedError`` instead.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, fill: int = 8) -> None:
+        super().__init__(host, port, listen=True)
+        for _ in range(fill):
+            filler = socket.socket(self._family(), socket.SOCK_STREAM)
+            filler.setblocking(False)
+            self._extra.append(filler)
+            if filler.connect_ex(self.address) not in (0, errno.EINPROGRESS):
+                break
+
+    def _family(self) -> socket.AddressFamily:
+        assert self._sock is not None
+        return self._sock.family
