@@ -14,10 +14,11 @@ The actions form a small closed set:
 * :class:`Send` -- send as much of ``data`` as the socket takes and report it to ``data_sent``;
 * :class:`Wait` -- do nothing until ``until``, then call ``tick``;
 * :data:`SHUTDOWN_WRITE` -- shut the sending side (FIN) and call ``write_shut``;
+* :class:`Handshake` -- run the TLS handshake, then call ``tls_started`` (or ``tls_failed``);
 * :class:`Done` -- the connection is over; ``outcome`` says how to close the socket.
 
-``Receive`` and ``Send`` carry a ``deadline``: call ``tick`` then (or later) and the machine
-decides whether the peer has been silent for longer than the timeout.
+``Receive``, ``Send`` and ``Handshake`` carry a ``deadline``: call ``tick`` then (or later) and
+the machine decides whether the peer has been silent for longer than the timeout.
 
 How steps complete:
 
@@ -30,10 +31,12 @@ How steps complete:
   ``Throttle`` allows. Partial sends continue with a ``memoryview`` of the unsent tail; nothing
   is copied. Between slices the machine waits (drip interval, throttle pacing).
 * ``Delay`` waits; ``Throttle`` sets the pacing of later sends; ``HALF_CLOSE`` asks for a
-  shutdown of the sending side; ``STALL`` reads and discards until the peer closes.
+  shutdown of the sending side; ``STALL`` reads and discards until the peer closes;
+  ``StartTLS`` asks for a handshake (a failing one was compiled into plain steps).
 
 How a connection ends, always exactly once, with one :class:`~selectserver.Outcome`:
-the script runs out (``COMPLETED``) or says ``HANGUP`` (``HUNG_UP``) or ``RESET``; the peer closes
+the script runs out (``COMPLETED``) or says ``HANGUP`` (``HUNG_UP``), ``TRUNCATE`` or ``RESET``;
+the TLS handshake fails (``TLS_FAILED``); the peer closes
 (``PEER_CLOSED``) or resets (``PEER_RESET``); the peer is silent for ``timeout`` seconds during a
 receive or send step (``TIMED_OUT``); or the server is closed (``SERVER_CLOSED``). An ``Expect``
 that did not match before the end, and a timeout, are failures: the record keeps a sentence
@@ -48,12 +51,13 @@ from dataclasses import dataclass
 from typing import Union
 
 from ._records import ConnectionRecord, Outcome
-from ._script import Command, Delay, ReadStep, SendStep, Step, Throttle
+from ._script import Command, Delay, ReadStep, SendStep, StartTLS, Step, Throttle
 
 __all__ = [
     "SHUTDOWN_WRITE",
     "Action",
     "Done",
+    "Handshake",
     "Receive",
     "Send",
     "ShutdownWrite",
@@ -90,6 +94,13 @@ class ShutdownWrite:
 
 
 @dataclass(frozen=True, slots=True)
+class Handshake:
+    """Run the TLS handshake; call ``tick`` at ``deadline``."""
+
+    deadline: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     """The connection is over."""
 
@@ -97,7 +108,7 @@ class Done:
 
 
 SHUTDOWN_WRITE = ShutdownWrite()
-Action = Union[Receive, Send, Wait, ShutdownWrite, Done]
+Action = Union[Receive, Send, Wait, ShutdownWrite, Handshake, Done]
 
 #: A throttled send hands out slices worth this many seconds of its rate.
 THROTTLE_SLICE_SECONDS = 0.01
@@ -188,6 +199,8 @@ class StepMachine:
             return f"{where}: sending, {len(action.data)} bytes of this slice unsent"
         if isinstance(action, Wait):
             return f"{where}: waiting until t={action.until:.3f}"
+        if isinstance(action, Handshake):
+            return f"{where}: in the TLS handshake"
         return f"{where}: shutting down the sending side"
 
     # ---- what happened ------------------------------------------------------------------------
@@ -244,23 +257,33 @@ class StepMachine:
                 self._send_slice(now)
             else:
                 self._next_step(now)
-        elif isinstance(action, (Receive, Send)) and self._timeout is not None:
+        elif isinstance(action, (Receive, Send, Handshake)) and self._timeout is not None:
             if now < self._progress + self._timeout:
                 deadline = self._deadline()
-                self._action = (
-                    Receive(deadline)
-                    if isinstance(action, Receive)
-                    else Send(action.data, deadline)
-                )
+                if isinstance(action, Send):
+                    self._action = Send(action.data, deadline)
+                else:
+                    self._action = type(action)(deadline)
                 return
-            silent = (
-                "no data arrived"
-                if isinstance(action, Receive)
-                else "the peer took none of the data"
-            )
+            if isinstance(action, Receive):
+                silent = "no data arrived"
+            elif isinstance(action, Send):
+                silent = "the peer took none of the data"
+            else:
+                silent = "the TLS handshake did not finish"
             self._end_early(
                 Outcome.TIMED_OUT, f"timed out: {silent} for {self._timeout:g} s", now, failed=True
             )
+
+    def tls_started(self, now: float) -> None:
+        """The TLS handshake (after :class:`Handshake`) finished."""
+        if isinstance(self._action, Handshake):
+            self.record.tls = True
+            self._next_step(now)
+
+    def tls_failed(self, reason: str, now: float) -> None:
+        """The TLS layer failed: a handshake the peer refused, or a bad record."""
+        self._end_early(Outcome.TLS_FAILED, f"TLS failed: {reason}", now)
 
     def peer_reset(self, now: float) -> None:
         """The peer reset the connection (ECONNRESET)."""
@@ -325,6 +348,9 @@ class StepMachine:
                 self._rate = step.bytes_per_second
                 self._next_send = now
                 continue
+            if isinstance(step, StartTLS):
+                self._action = Handshake(self._deadline())
+                return
             if step is Command.HALF_CLOSE:
                 self._action = SHUTDOWN_WRITE
                 return
@@ -333,6 +359,9 @@ class StepMachine:
                 return
             if step is Command.HANGUP:
                 self._finish(Outcome.HUNG_UP, None, now)
+                return
+            if step is Command.TRUNCATE:
+                self._finish(Outcome.TRUNCATED, None, now)
                 return
             assert step is Command.RESET, step
             self._finish(Outcome.RESET, None, now)
@@ -448,6 +477,7 @@ class StepMachine:
                 why = f"{why} before the pattern matched; this step got {partial[-200:]!r}"
         if failed:
             failure = f"step {self._index} ({self._label()}): {why}"
+        self.record.detail = why
         self._finish(outcome, failure, now)
 
     def _finish(self, outcome: Outcome, failure: str | None, now: float) -> None:

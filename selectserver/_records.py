@@ -28,12 +28,16 @@ class Outcome(enum.Enum):
     """The script said HANGUP; the server closed gracefully."""
     RESET = "reset"
     """The script said RESET; the server aborted the connection."""
+    TRUNCATED = "truncated"
+    """The script said TRUNCATE; the server closed without TLS close_notify."""
     PEER_CLOSED = "peer closed"
     """The peer closed before the script ended."""
     PEER_RESET = "peer reset"
     """The peer reset the connection before the script ended."""
     TIMED_OUT = "timed out"
     """The peer was silent for longer than the server's ``timeout``."""
+    TLS_FAILED = "TLS failed"
+    """The TLS handshake or a TLS record failed (e.g. the client rejected the certificate)."""
     SERVER_CLOSED = "server closed"
     """``close()`` ended the connection before the script did."""
     ERROR = "error"
@@ -56,9 +60,12 @@ class ConnectionRecord:
         outcome: how it ended, or None while it is still running.
         failure: why the connection failed (an unmatched ``Expect``, a timeout, an error),
             or None. ``check()`` reports every failure.
+        detail: why the connection ended before its script did, in words (the peer closed,
+            the TLS error...), or None.
         ended_at: ``time.monotonic()`` when it ended, or None.
         step: the index of the script step running now, or the one where it ended.
         half_closed: whether the script shut down the sending side (``HALF_CLOSE``).
+        tls: whether a TLS session was established.
         discarded: bytes read and thrown away (during ``STALL`` and the drain after the end).
         dropped: bytes received but not kept because of ``max_receive``.
         max_receive: how many received bytes this record keeps at most.
@@ -70,9 +77,11 @@ class ConnectionRecord:
     received: list[bytes] = field(default_factory=list)
     outcome: Outcome | None = None
     failure: str | None = None
+    detail: str | None = None
     ended_at: float | None = None
     step: int = 0
     half_closed: bool = False
+    tls: bool = False
     discarded: int = 0
     dropped: int = 0
     max_receive: int = DEFAULT_MAX_RECEIVE

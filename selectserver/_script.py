@@ -23,7 +23,7 @@ import random
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Literal, Union
 
 __all__ = [
     "BREAK",
@@ -32,6 +32,7 @@ __all__ = [
     "RECEIVE",
     "RESET",
     "STALL",
+    "TRUNCATE",
     "Command",
     "Delay",
     "Drip",
@@ -40,6 +41,7 @@ __all__ = [
     "ReadStep",
     "ReadUntil",
     "SendStep",
+    "StartTLS",
     "Step",
     "Throttle",
     "compile_script",
@@ -60,6 +62,8 @@ class Command(enum.Enum):
     """Shut down the sending side (the peer reads EOF); later steps may still read."""
     STALL = "STALL"
     """Do nothing until the peer closes or the server is closed."""
+    TRUNCATE = "TRUNCATE"
+    """Close with FIN but no TLS close_notify (a truncated session); without TLS, as HANGUP."""
 
     def __repr__(self) -> str:
         return self.name
@@ -71,6 +75,7 @@ BREAK = Command.BREAK
 RESET = Command.RESET
 HALF_CLOSE = Command.HALF_CLOSE
 STALL = Command.STALL
+TRUNCATE = Command.TRUNCATE
 
 
 def _check_seconds(owner: str, name: str, value: object) -> None:
@@ -214,6 +219,27 @@ class Garbage:
         return random.Random(self.seed).randbytes(self.n)
 
 
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """Run the TLS handshake here; the steps after it speak through TLS.
+
+    A server with ``tls=`` runs one at the start of every script that has none, so write it
+    only to start TLS later (SMTP's STARTTLS) or to break the handshake on purpose:
+
+    * ``fail="hangup"``: read the ClientHello, then close (FIN);
+    * ``fail="reset"``: read the ClientHello, then reset (RST);
+    * ``fail="garbage"``: answer the ClientHello with 64 random bytes, then close.
+    """
+
+    fail: Literal["hangup", "reset", "garbage"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.fail not in (None, "hangup", "reset", "garbage"):
+            raise ValueError(
+                f"StartTLS: fail must be None, 'hangup', 'reset' or 'garbage', got {self.fail!r}"
+            )
+
+
 # ---- compiled steps: what the step machine runs -----------------------------------------------
 
 
@@ -249,25 +275,11 @@ class SendStep:
     seed: int = 0
 
 
-Step = Union[ReadStep, SendStep, Delay, Throttle, Command]
-UserStep = Union[
-    Command,
-    int,
-    str,
-    bytes,
-    bytearray,
-    memoryview,
-    Delay,
-    Drip,
-    ReadUntil,
-    Expect,
-    Throttle,
-    Garbage,
-]
-
+Step = Union[ReadStep, SendStep, Delay, Throttle, StartTLS, Command]
 _EXPECTED = (
     "expected RECEIVE, an int > 0, str/bytes, or a step "
-    "(HANGUP, RESET, HALF_CLOSE, STALL, Delay, Drip, ReadUntil, Expect, Throttle, Garbage)"
+    "(HANGUP, RESET, HALF_CLOSE, STALL, TRUNCATE, Delay, Drip, ReadUntil, Expect, Throttle, "
+    "Garbage, StartTLS)"
 )
 
 
@@ -309,17 +321,34 @@ def _compile_step(value: object) -> Step:
         )
     if isinstance(value, Garbage):
         return SendStep(_label(value), memoryview(value.data))
-    if isinstance(value, (Delay, Throttle)):
+    if isinstance(value, (Delay, Throttle, StartTLS)):
         return value
     raise TypeError(_EXPECTED)
 
 
-def compile_script(commands: object, *, name: str = "script") -> tuple[Step, ...]:
+def _expand(step: Step) -> tuple[Step, ...]:
+    """A failing StartTLS is plain I/O on the ClientHello; anything else is itself."""
+    if not isinstance(step, StartTLS) or step.fail is None:
+        return (step,)
+    read_hello = ReadStep("RECEIVE", min_bytes=1)
+    if step.fail == "hangup":
+        return (read_hello, Command.HANGUP)
+    if step.fail == "reset":
+        return (read_hello, Command.RESET)
+    garbage = Garbage(64)
+    return (read_hello, SendStep(_label(garbage), memoryview(garbage.data)), Command.HANGUP)
+
+
+def compile_script(
+    commands: object, *, name: str = "script", tls: bool = False
+) -> tuple[Step, ...]:
     """Check a user's script and compile it into machine steps.
 
     Args:
         commands: a list or tuple of steps, or a bare str/bytes ``S`` meaning ``[RECEIVE, S]``.
         name: how error messages name the script (``scripts[1]`` for per-connection scripts).
+        tls: whether the server has a TLS context: a script without ``StartTLS`` then starts
+            with one; without TLS, ``StartTLS`` is an error.
 
     Raises:
         TypeError: the script is not a sequence, or a step has the wrong type, e.g.
@@ -334,17 +363,27 @@ def compile_script(commands: object, *, name: str = "script") -> tuple[Step, ...
         else:
             raise TypeError(f"{name} must be a list of steps or a str/bytes, got {commands!r}")
     steps: list[Step] = []
+    started_tls = False
     for index, value in enumerate(commands):
         try:
             step = _compile_step(value)
-            _check_order(steps, step)
+            if isinstance(step, StartTLS):
+                if not tls:
+                    raise ValueError("StartTLS needs a server made with tls=")
+                if started_tls:
+                    raise ValueError("TLS is already started by an earlier StartTLS")
+                started_tls = True
+            for part in _expand(step):
+                _check_order(steps, part)
+                steps.append(part)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{name}[{index}] = {_label(value)}: {exc}") from None
-        steps.append(step)
+    if tls and not started_tls:
+        steps.insert(0, StartTLS())
     return tuple(steps)
 
 
-_FINAL = (Command.HANGUP, Command.RESET, Command.STALL)
+_FINAL = (Command.HANGUP, Command.RESET, Command.STALL, Command.TRUNCATE)
 
 
 def _check_order(before: list[Step], step: Step) -> None:
