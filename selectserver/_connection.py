@@ -8,7 +8,8 @@ they armed is due, and ``crash(exc)`` if either raised, which ends only that one
 
 Sockets are closed so the peer sees what the script means:
 
-* a graceful end (``COMPLETED``, ``HUNG_UP``) sends FIN, then *drains*: it reads and discards
+* a graceful end (``COMPLETED``, ``HUNG_UP``) sends TLS's close_notify if TLS is on, and FIN
+  (``TRUNCATED`` sends FIN alone), then *drains*: it reads and discards
   what the peer still sends until the peer closes, for at most ``DRAIN_SECONDS`` and
   ``DRAIN_BYTES``. Closing a socket with unread input would send RST instead, so a client whose
   request the script read only in part still sees a clean EOF;
@@ -22,13 +23,14 @@ import errno
 import logging
 import selectors
 import socket
+import ssl
 import struct
 import threading
 import time
 import traceback
 from typing import TYPE_CHECKING
 
-from ._machine import Done, Receive, Send, ShutdownWrite, StepMachine, Wait
+from ._machine import Done, Handshake, Receive, Send, ShutdownWrite, StepMachine, Wait
 from ._records import ConnectionRecord, Outcome, ServerLog
 from ._script import Step
 
@@ -53,7 +55,13 @@ DRAIN_SECONDS = 2.0
 DRAIN_BYTES = 64 * 1024 * 1024
 #: errors of accept() that mean "out of resources", not "this connection failed"
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+#: the most one TLS send takes of a payload (a TLS write is all or nothing)
+TLS_SEND_SIZE = 64 * 1024
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+_WOULD_BLOCK_READ = (BlockingIOError, InterruptedError, ssl.SSLWantReadError)
+_WOULD_BLOCK_WRITE = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError)
+#: outcomes that close with FIN and drain (TRUNCATED skips TLS's close_notify)
+_GRACEFUL = frozenset({Outcome.COMPLETED, Outcome.HUNG_UP, Outcome.TRUNCATED})
 _DRAIN_BUFFER = bytearray(RECV_SIZE)  # only the reactor thread drains, so one buffer serves all
 
 
@@ -79,8 +87,10 @@ class Listener:
         verbose: bool,
         timeout: float | None,
         max_connections: int | None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.sock: socket.socket | None = sock
+        self.tls_context = tls_context
         self.name = format_address(sock.getsockname())
         self.scripts = scripts
         self.log = log
@@ -194,6 +204,7 @@ class Connection:
         "_drained",
         "_mask",
         "_timer_at",
+        "_tls",
         "listener",
         "machine",
         "record",
@@ -217,6 +228,7 @@ class Connection:
         self._timer_at: float | None = None
         self._drain_until: float | None = None  # set while draining after a graceful end
         self._drained = 0
+        self._tls = False  # whether sock is an SSLSocket
         self._closed = False
 
     def start(self, now: float) -> None:
@@ -226,14 +238,14 @@ class Connection:
     # ---- handler interface --------------------------------------------------------------------
 
     def on_event(self, mask: int) -> None:
-        """The socket is ready for what we registered: recv or send."""
+        """The socket is ready for what we registered: read, or carry on with the script."""
         now = time.monotonic()
         if self._drain_until is not None:
             self._drain()
-        elif mask & WRITE:
-            self._pump(now)
-        else:
+        elif type(self.machine.next_action()) is Receive:
             self._receive(now)
+        else:
+            self._pump(now)
 
     def on_timer(self, now: float, when: float) -> None:
         """A wait ended or a deadline passed."""
@@ -265,7 +277,6 @@ class Connection:
     def _pump(self, now: float) -> None:
         """Do what the machine asks until it waits for the socket or the clock."""
         machine = self.machine
-        sock = self.sock
         while True:
             action = machine.next_action()
             kind = type(action)
@@ -275,55 +286,109 @@ class Connection:
                 return
             if kind is Send:
                 assert isinstance(action, Send)
-                data = action.data
-                try:
-                    sent = sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    self._want(WRITE, action.deadline)
+                if not self._send(action, now):
                     return
-                except BrokenPipeError:
-                    machine.peer_gone(now)
-                    continue
-                except ConnectionResetError:
-                    machine.peer_reset(now)
-                    continue
-                except OSError as exc:
-                    machine.fail(f"send failed: {exc}", now)
-                    continue
-                self.listener.event("#%d sent %d bytes", self.record.index, sent)
-                machine.data_sent(sent, now)
-                if sent < len(data):
-                    self._want(WRITE, action.deadline)
-                    return
-                continue
-            if kind is Wait:
+            elif kind is Wait:
                 assert isinstance(action, Wait)
                 self._want(0, action.until)
                 return
-            if kind is ShutdownWrite:
-                self._shutdown_write()
-                self.listener.event("#%d half-closed (sent FIN)", self.record.index)
+            elif kind is ShutdownWrite:
+                self._shutdown_write(close_notify=True)
+                self.listener.event("#%d half-closed", self.record.index)
                 machine.write_shut(now)
-                continue
-            assert isinstance(action, Done)
-            self._end(action.outcome, now)
-            return
+            elif kind is Handshake:
+                assert isinstance(action, Handshake)
+                if not self._handshake(action, now):
+                    return
+            else:
+                assert isinstance(action, Done)
+                self._end(action.outcome, now)
+                return
+
+    def _send(self, action: Send, now: float) -> bool:
+        """Send what the socket takes of ``action.data``; False if we must wait to send more."""
+        machine = self.machine
+        # A TLS write goes out whole or not at all, so bound it to keep the loop fair.
+        data = action.data[:TLS_SEND_SIZE] if self._tls else action.data
+        try:
+            sent = self.sock.send(data)
+        except _WOULD_BLOCK_WRITE:
+            self._want(WRITE, action.deadline)
+            return False
+        except ssl.SSLWantReadError:
+            self._want(READ, action.deadline)
+            return False
+        except BrokenPipeError:
+            machine.peer_gone(now)
+        except ConnectionResetError:
+            machine.peer_reset(now)
+        except ssl.SSLError as exc:
+            machine.tls_failed(_reason(exc), now)
+        except OSError as exc:
+            machine.fail(f"send failed: {exc}", now)
+        else:
+            self.listener.event("#%d sent %d bytes", self.record.index, sent)
+            machine.data_sent(sent, now)
+            if sent < len(data):
+                self._want(WRITE, action.deadline)
+                return False
+        return True
 
     def _receive(self, now: float) -> None:
         machine = self.machine
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except ConnectionResetError:
-            machine.peer_reset(now)
-        except OSError as exc:
-            machine.fail(f"recv failed: {exc}", now)
-        else:
-            if data:
-                self.listener.event("#%d received %d bytes", self.record.index, len(data))
-            machine.receive_data(data, now)
+        sock = self.sock
+        while True:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except _WOULD_BLOCK_READ:
+                return
+            except ssl.SSLWantWriteError:
+                self._want(WRITE, None)  # TLS needs to write before it can read more
+                return
+            except ConnectionResetError:
+                machine.peer_reset(now)
+            except ssl.SSLError as exc:
+                machine.tls_failed(_reason(exc), now)
+            except OSError as exc:
+                machine.fail(f"recv failed: {exc}", now)
+            else:
+                if data:
+                    self.listener.event("#%d received %d bytes", self.record.index, len(data))
+                machine.receive_data(data, now)
+                # TLS may hold decrypted bytes the selector cannot see: take them now.
+                if data and self._tls and type(machine.next_action()) is Receive:
+                    assert isinstance(sock, ssl.SSLSocket)
+                    if sock.pending():
+                        continue
+            break
         self._pump(now)
+
+    def _handshake(self, action: Handshake, now: float) -> bool:
+        """Advance the TLS handshake; False if it waits for the socket."""
+        context = self.listener.tls_context
+        assert context is not None, "StartTLS on a server without tls="
+        if not self._tls:
+            self._want(0, None)  # the selector knows the plain socket, which wrapping detaches
+            self.sock = context.wrap_socket(
+                self.sock, server_side=True, do_handshake_on_connect=False
+            )
+            self._tls = True
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want(READ, action.deadline)
+            return False
+        except ssl.SSLWantWriteError:
+            self._want(WRITE, action.deadline)
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            self.machine.tls_failed(_reason(exc), now)
+            return True
+        self.listener.event("#%d TLS started (%s)", self.record.index, sock.version())
+        self.machine.tls_started(now)
+        return True
 
     def _want(self, mask: int, wake_at: float | None) -> None:
         """Register for ``mask`` (only when it changes) and arm a timer for ``wake_at``."""
@@ -338,9 +403,17 @@ class Connection:
             assert reactor is not None
             reactor.call_at(wake_at, self)
 
-    def _shutdown_write(self) -> None:
+    def _shutdown_write(self, *, close_notify: bool) -> None:
+        """Send FIN, after TLS's close_notify if asked; reads go on (through TLS, if any)."""
+        sock = self.sock
+        if close_notify and isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.unwrap()  # sends close_notify; raises while the peer's has not come
+            except (ssl.SSLError, OSError, ValueError):
+                pass  # sent, or the peer is gone: the next recv says which
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            # socket.socket's own shutdown: SSLSocket.shutdown would also drop the TLS layer.
+            socket.socket.shutdown(sock, socket.SHUT_WR)
         except OSError:
             pass  # the peer is already gone; the next recv or send says how
 
@@ -352,11 +425,11 @@ class Connection:
             "#%d ended: %s%s",
             record.index,
             outcome.value,
-            f" ({record.failure})" if record.failure else "",
+            f" ({record.failure or record.detail})" if record.failure or record.detail else "",
         )
-        if outcome is Outcome.COMPLETED or outcome is Outcome.HUNG_UP:
+        if outcome in _GRACEFUL:
             if not record.half_closed:
-                self._shutdown_write()
+                self._shutdown_write(close_notify=outcome is not Outcome.TRUNCATED)
             self._drain_until = now + DRAIN_SECONDS
             self._want(READ, self._drain_until)
             self._drain()
@@ -373,7 +446,7 @@ class Connection:
         for _ in range(4):  # bounded per event; the selector brings us back
             try:
                 count = self.sock.recv_into(_DRAIN_BUFFER)
-            except (BlockingIOError, InterruptedError):
+            except _WOULD_BLOCK_READ:
                 return
             except OSError:
                 count = 0
@@ -398,3 +471,10 @@ class Connection:
             self._mask = 0
         self.sock.close()
         self.listener.forget(self)
+
+
+def _reason(exc: BaseException) -> str:
+    """An OSError or SSLError in a few words."""
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"{exc.reason} ({exc.library or 'SSL'})"
+    return str(exc) or type(exc).__name__

@@ -14,16 +14,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import math
+import os
 import socket
+import ssl
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._connection import Listener, format_address
 from ._reactor import Reactor, attach
 from ._records import DEFAULT_MAX_RECEIVE, ConnectionRecord, ServerLog
 from ._script import Step, compile_script
+from ._tls import TLSOption, tls_material
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -56,14 +60,38 @@ def _bind(host: str, port: int, *, listen: bool, backlog: int = socket.SOMAXCONN
             # Lets a fixed port be reused while old connections sit in TIME_WAIT; on POSIX it
             # never lets two sockets listen on one port.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        if listen:
-            sock.listen(backlog)
-        sock.setblocking(False)
+        return _listen(sock, address, listen, backlog)
     except BaseException:
         sock.close()
         raise
+
+
+def _bind_unix(path: str | bytes, backlog: int = socket.SOMAXCONN) -> socket.socket:
+    """A listening Unix-domain socket at ``path`` (a leading NUL names an abstract socket)."""
+    if not isinstance(path, (str, bytes)) or not path:
+        raise TypeError(f"path must be a non-empty str or bytes, got {path!r}")
+    if not hasattr(socket, "AF_UNIX"):
+        raise OSError("Unix-domain sockets are not available on this platform")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        return _listen(sock, path, True, backlog)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _listen(
+    sock: socket.socket, address: tuple[Any, ...] | str | bytes, listen: bool, backlog: int
+) -> socket.socket:
+    sock.bind(address)
+    if listen:
+        sock.listen(backlog)
+    sock.setblocking(False)
     return sock
+
+
+def _is_abstract(path: str | bytes) -> bool:
+    return path[:1] in ("\0", b"\0")
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool) -> None:
@@ -77,44 +105,67 @@ def _check_seconds(name: str, value: object, *, allow_none: bool) -> None:
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
 
 
-def _compile_scripts(commands: object, scripts: object) -> tuple[tuple[Step, ...], ...]:
+def _compile_scripts(
+    commands: object, scripts: object, *, tls: bool
+) -> tuple[tuple[Step, ...], ...]:
     if scripts is None:
         if commands is None:
             raise TypeError("give a script: commands=[...] (or scripts=[[...], ...])")
-        return (compile_script(commands),)
+        return (compile_script(commands, tls=tls),)
     if commands is not None:
         raise TypeError("give commands= or scripts=, not both")
     if isinstance(scripts, (str, bytes)) or not isinstance(scripts, Sequence) or not scripts:
         raise TypeError(f"scripts must be a non-empty list of scripts, got {scripts!r}")
     return tuple(
-        compile_script(script, name=f"scripts[{index}]") for index, script in enumerate(scripts)
+        compile_script(script, name=f"scripts[{index}]", tls=tls)
+        for index, script in enumerate(scripts)
     )
 
 
 class _Endpoint:
     """What every fake server shares: an address, and a context manager that closes it."""
 
-    _sock_name: tuple[str, int]
+    _sock_name: object  # (host, port, ...) for TCP; the path for a Unix-domain socket
+    _scheme = "http"
+
+    @property
+    def path(self) -> str | bytes | None:
+        """The Unix-domain socket's path, or None for a TCP server."""
+        return None if isinstance(self._sock_name, tuple) else self._sock_name  # type: ignore[return-value]
+
+    def _tcp_name(self) -> tuple[str, int]:
+        name = self._sock_name
+        if not isinstance(name, tuple):
+            raise AttributeError(f"a Unix-domain server has no host or port; its path is {name!r}")
+        return (name[0], name[1])
 
     @property
     def host(self) -> str:
         """The host the server listens on (an IP address, as bound)."""
-        return self._sock_name[0]
+        return self._tcp_name()[0]
 
     @property
     def port(self) -> int:
         """The TCP port the server listens on (chosen by the OS unless one was given)."""
-        return self._sock_name[1]
+        return self._tcp_name()[1]
 
     @property
-    def address(self) -> tuple[str, int]:
-        """``(host, port)``, ready for ``socket.create_connection``."""
-        return (self.host, self.port)
+    def address(self) -> tuple[str, int] | str | bytes:
+        """``(host, port)`` for TCP, ready for ``socket.create_connection``; the path for Unix."""
+        path = self.path
+        return self._tcp_name() if path is None else path
 
     @property
     def url(self) -> str:
-        """``http://host:port`` (IPv6 hosts in brackets)."""
-        return f"http://{format_address(self._sock_name)}"
+        """``http://host:port`` (``https`` with TLS; IPv6 hosts in brackets).
+
+        A Unix-domain server's URL is ``http+unix://`` and its percent-encoded path.
+        """
+        path = self.path
+        if path is None:
+            return f"{self._scheme}://{format_address(self._tcp_name())}"
+        text = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
+        return f"{self._scheme}+unix://{urllib.parse.quote(text, safe='')}"
 
     def close(self) -> None:  # pragma: no cover - every subclass has its own
         raise NotImplementedError
@@ -159,10 +210,17 @@ class CommandServer(_Endpoint):
         max_receive: how many received bytes each connection's record keeps at most; the rest
             is counted in the record's ``dropped``. A ``ReadUntil``/``Expect`` step that has
             buffered this many bytes without a match fails.
+        tls: serve TLS: ``True`` makes a certificate for localhost, 127.0.0.1 and ::1 signed by
+            a throwaway CA (needs the ``tls`` extra, trustme); ``"expired"`` and
+            ``"wrong-host"`` make certificates clients must reject; or pass your own
+            ``ssl.SSLContext``. Scripts start with a handshake unless they place ``StartTLS``.
+        path: listen on this Unix-domain socket path instead of TCP (a leading ``"\\0"``
+            names a Linux abstract socket); the file is removed on close.
 
     Raises:
         TypeError, ValueError: a bad script or argument, naming the bad step.
         OSError: the address cannot be bound (in use, unknown host).
+        ImportError: ``tls`` needs certificates and trustme is not installed.
     """
 
     def __init__(
@@ -176,8 +234,11 @@ class CommandServer(_Endpoint):
         max_connections: int | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         max_receive: int = DEFAULT_MAX_RECEIVE,
+        tls: TLSOption | None = None,
+        path: str | bytes | None = None,
     ) -> None:
-        compiled = _compile_scripts(commands, scripts)
+        self._tls = tls_material(tls)
+        compiled = _compile_scripts(commands, scripts, tls=self._tls is not None)
         if max_connections is not None and (
             isinstance(max_connections, bool)
             or not isinstance(max_connections, int)
@@ -190,8 +251,11 @@ class CommandServer(_Endpoint):
         if isinstance(max_receive, bool) or not isinstance(max_receive, int) or max_receive < 0:
             raise ValueError(f"max_receive must be an int >= 0, got {max_receive!r}")
         self._log = self._make_log(max_receive)
-        sock = _bind(host, port, listen=True)
-        self._sock_name = sock.getsockname()[:2]
+        sock = _bind(host, port, listen=True) if path is None else _bind_unix(path)
+        name = sock.getsockname()
+        self._sock_name = name[:2] if isinstance(name, tuple) else name
+        if self._tls is not None:
+            self._scheme = "https"
         self._listener = Listener(
             sock,
             compiled,
@@ -199,6 +263,7 @@ class CommandServer(_Endpoint):
             verbose=bool(verbose),
             timeout=timeout,
             max_connections=max_connections,
+            tls_context=None if self._tls is None else self._tls.context,
         )
         self._close_lock = threading.Lock()
         self._closing = False
@@ -206,6 +271,24 @@ class CommandServer(_Endpoint):
 
     def _make_log(self, max_receive: int) -> ServerLog:
         return ServerLog(max_receive)
+
+    @property
+    def ca_path(self) -> str | None:
+        """The PEM file of the CA that signed this server's certificate (for ``verify=``).
+
+        None without TLS or with your own ``ssl.SSLContext``.
+        """
+        return None if self._tls is None else self._tls.ca_path
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """A client ``ssl.SSLContext`` that trusts this server's CA (and checks hostnames).
+
+        Raises:
+            ValueError: the server has no TLS, or uses your own context.
+        """
+        if self._tls is None:
+            raise ValueError("this server does not use TLS (pass tls=True)")
+        return self._tls.client_context()
 
     @property
     def received(self) -> list[bytes]:
@@ -253,7 +336,17 @@ class CommandServer(_Endpoint):
             self._listener.closed.wait()
             if reactor.stopping:
                 reactor.join()
+        if first:
+            self._remove_socket_file()
         self._raise_reactor_error()
+
+    def _remove_socket_file(self) -> None:
+        path = self.path
+        if path is not None and not _is_abstract(path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def _raise_reactor_error(self) -> None:
         error = self._reactor.error
@@ -268,7 +361,10 @@ class CommandServer(_Endpoint):
 
 
 class OneShotServer(CommandServer):
-    """A CommandServer that serves one connection, then stops listening (later connects fail)."""
+    """A CommandServer that serves one connection, then stops listening (later connects fail).
+
+    It takes CommandServer's arguments, except ``max_connections``, which is 1.
+    """
 
     def __init__(
         self,
@@ -276,21 +372,11 @@ class OneShotServer(CommandServer):
         host: str = "127.0.0.1",
         port: int = 0,
         verbose: bool = True,
-        *,
-        scripts: Sequence[object] | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_receive: int = DEFAULT_MAX_RECEIVE,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            commands,
-            host,
-            port,
-            verbose,
-            scripts=scripts,
-            max_connections=1,
-            timeout=timeout,
-            max_receive=max_receive,
-        )
+        if "max_connections" in kwargs:
+            raise TypeError("OneShotServer serves one connection: max_connections is always 1")
+        super().__init__(commands, host, port, verbose, max_connections=1, **kwargs)
 
 
 class AsyncioCommandServer(CommandServer):
@@ -314,7 +400,7 @@ class AsyncioCommandServer(CommandServer):
         host: str = "127.0.0.1",
         port: int = 0,
         verbose: bool = True,
-        **kwargs: object,
+        **kwargs: Any,
     ) -> None:
         if loop is None:
             try:
@@ -333,7 +419,7 @@ class AsyncioCommandServer(CommandServer):
         self.loop = loop
         self.reader = reader
         self._eof_fed = False  # touched only in the loop's thread
-        super().__init__(commands, host, port, verbose, **kwargs)  # type: ignore[arg-type]
+        super().__init__(commands, host, port, verbose, **kwargs)
 
     def _make_log(self, max_receive: int) -> ServerLog:
         return ServerLog(max_receive, on_received=self._feed_data, on_end=self._feed_eof)
