@@ -318,14 +318,8 @@ class Connection:
         except ssl.SSLWantReadError:
             self._want(READ, action.deadline)
             return False
-        except BrokenPipeError:
-            machine.peer_gone(now)
-        except ConnectionResetError:
-            machine.peer_reset(now)
-        except ssl.SSLError as exc:
-            machine.tls_failed(_reason(exc), now)
         except OSError as exc:
-            machine.fail(f"send failed: {exc}", now)
+            self._lost(exc, "send", now)
         else:
             self.listener.event("#%d sent %d bytes", self.record.index, sent)
             machine.data_sent(sent, now)
@@ -345,12 +339,8 @@ class Connection:
             except ssl.SSLWantWriteError:
                 self._want(WRITE, None)  # TLS needs to write before it can read more
                 return
-            except ConnectionResetError:
-                machine.peer_reset(now)
-            except ssl.SSLError as exc:
-                machine.tls_failed(_reason(exc), now)
             except OSError as exc:
-                machine.fail(f"recv failed: {exc}", now)
+                self._lost(exc, "recv", now)
             else:
                 if data:
                     self.listener.event("#%d received %d bytes", self.record.index, len(data))
@@ -383,12 +373,24 @@ class Connection:
         except ssl.SSLWantWriteError:
             self._want(WRITE, action.deadline)
             return False
-        except (ssl.SSLError, OSError) as exc:
-            self.machine.tls_failed(_reason(exc), now)
+        except OSError as exc:
+            self._lost(exc, "TLS handshake", now)
             return True
         self.listener.event("#%d TLS started (%s)", self.record.index, sock.version())
         self.machine.tls_started(now)
         return True
+
+    def _lost(self, exc: OSError, doing: str, now: float) -> None:
+        """Tell the machine how a socket call failed: the peer left, TLS broke, or worse."""
+        machine = self.machine
+        if isinstance(exc, BrokenPipeError):
+            machine.peer_gone(now)
+        elif isinstance(exc, ConnectionResetError):
+            machine.peer_reset(now)
+        elif isinstance(exc, ssl.SSLError):
+            machine.tls_failed(_reason(exc), now)
+        else:
+            machine.fail(f"{doing} failed: {exc}", now)
 
     def _want(self, mask: int, wake_at: float | None) -> None:
         """Register for ``mask`` (only when it changes) and arm a timer for ``wake_at``."""

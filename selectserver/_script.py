@@ -68,6 +68,8 @@ class Command(enum.Enum):
     def __repr__(self) -> str:
         return self.name
 
+    __str__ = __repr__
+
 
 RECEIVE = Command.RECEIVE
 HANGUP = Command.HANGUP
