@@ -106,7 +106,10 @@ class Listener:
     def event(self, message: str, *args: object) -> None:
         """Report an event: a ``SERVER:`` line when verbose, and a DEBUG log record always."""
         if self.verbose:
-            print(f"SERVER: {self.name} " + (message % args if args else message), flush=True)
+            try:
+                print(f"SERVER: {self.name} " + (message % args if args else message), flush=True)
+            except (OSError, ValueError):
+                pass  # stdout is closed or gone (a finished test's capture): the log still has it
         logger.debug("%s " + message, self.name, *args)
 
     # ---- called by the reactor ----------------------------------------------------------------
@@ -190,9 +193,18 @@ class Listener:
         record = self.log.new_connection(peer, now)
         script = self.scripts[min(index, len(self.scripts) - 1)]
         self.event("#%d accepted from %s", index, format_address(peer))
-        connection = Connection(self, sock, record, script, now)
+        try:
+            connection = Connection(self, sock, record, script, now)
+        except Exception as exc:  # a bug: it must cost this connection, never the listener
+            sock.close()
+            record.end(Outcome.ERROR, f"internal error starting the connection: {exc!r}", now, 0)
+            logger.error("%s #%d failed to start", self.name, index, exc_info=exc)
+            return
         self.connections.add(connection)
-        connection.start(now)
+        try:
+            connection.start(now)
+        except Exception as exc:
+            connection.crash(exc)
 
 
 class Connection:
