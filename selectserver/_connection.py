@@ -160,9 +160,10 @@ class Listener:
 
     def stop_listening(self) -> None:
         """Close the listening socket: later connects are refused."""
-        sock, self.sock = self.sock, None
+        sock = self.sock
         if sock is not None:
-            self._listen(False)
+            self._listen(False)  # unregister while the socket is still open
+            self.sock = None
             sock.close()
             self.event("stopped listening after %d connections", self.accepted)
 
