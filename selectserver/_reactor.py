@@ -104,6 +104,10 @@ class Reactor:
         self._thread = threading.Thread(target=self._run, name="selectserver-reactor", daemon=True)
         self.error: BaseException | None = None
 
+    def __repr__(self) -> str:
+        state = "stopped" if self._closed else "running" if self._thread.is_alive() else "new"
+        return f"<Reactor {type(self._selector).__name__} {state}, {len(self._servers)} servers>"
+
     # ---- any thread ---------------------------------------------------------------------------
 
     def start(self) -> None:

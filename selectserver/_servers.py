@@ -150,8 +150,11 @@ class _Endpoint:
         return self._tcp_name()[1]
 
     @property
-    def address(self) -> tuple[str, int] | str | bytes:
-        """``(host, port)`` for TCP, ready for ``socket.create_connection``; the path for Unix."""
+    def address(self) -> Any:
+        """``(host, port)`` for TCP, ready for ``socket.create_connection``; the path for Unix.
+
+        Typed ``Any`` so that either use type-checks without a cast.
+        """
         path = self.path
         return self._tcp_name() if path is None else path
 
@@ -216,6 +219,7 @@ class CommandServer(_Endpoint):
             ``ssl.SSLContext``. Scripts start with a handshake unless they place ``StartTLS``.
         path: listen on this Unix-domain socket path instead of TCP (a leading ``"\\0"``
             names a Linux abstract socket); the file is removed on close.
+        reactor: a started :class:`Reactor` to serve on instead of the shared default one.
 
     Raises:
         TypeError, ValueError: a bad script or argument, naming the bad step.
@@ -236,6 +240,7 @@ class CommandServer(_Endpoint):
         max_receive: int = DEFAULT_MAX_RECEIVE,
         tls: TLSOption | None = None,
         path: str | bytes | None = None,
+        reactor: Reactor | None = None,
     ) -> None:
         self._tls = tls_material(tls)
         compiled = _compile_scripts(commands, scripts, tls=self._tls is not None)
@@ -267,7 +272,13 @@ class CommandServer(_Endpoint):
         )
         self._close_lock = threading.Lock()
         self._closing = False
-        self._reactor: Reactor = attach(self._listener)
+        if reactor is None:
+            self._reactor: Reactor = attach(self._listener)
+        elif reactor.add_server(self._listener):
+            self._reactor = reactor
+        else:
+            self._listener.close(0.0)
+            raise RuntimeError(f"{reactor!r} is closed")
 
     def _make_log(self, max_receive: int) -> ServerLog:
         return ServerLog(max_receive)
