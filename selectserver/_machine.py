@@ -257,7 +257,11 @@ class StepMachine:
                 self._send_slice(now)
             else:
                 self._next_step(now)
-        elif isinstance(action, (Receive, Send, Handshake)) and self._timeout is not None:
+        elif (
+            isinstance(action, (Receive, Send, Handshake))
+            and self._timeout is not None
+            and self._step is not Command.STALL  # a stall waits for the peer, however long
+        ):
             if now < self._progress + self._timeout:
                 deadline = self._deadline()
                 if isinstance(action, Send):

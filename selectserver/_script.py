@@ -125,25 +125,41 @@ class Delay:
         _check_seed("Delay", self.seed)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Drip:
     """Send ``data`` in pieces of ``chunk`` bytes, ``interval`` (+ ``jitter``) seconds apart."""
 
     data: bytes
-    chunk: int = 1
-    interval: float = 0.01
-    jitter: float = 0.0
-    seed: int = 0
+    chunk: int
+    interval: float
+    jitter: float
+    seed: int
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "data", _to_bytes("Drip", "data", self.data))
-        _check_count("Drip", "chunk", self.chunk, 1)
-        _check_seconds("Drip", "interval", self.interval)
-        _check_seconds("Drip", "jitter", self.jitter)
-        _check_seed("Drip", self.seed)
+    # An explicit __init__ so the documented str/bytes-like arguments type-check; the field
+    # stays ``bytes``.
+    def __init__(
+        self,
+        data: str | bytes | bytearray | memoryview,
+        chunk: int = 1,
+        interval: float = 0.01,
+        jitter: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        _check_count("Drip", "chunk", chunk, 1)
+        _check_seconds("Drip", "interval", interval)
+        _check_seconds("Drip", "jitter", jitter)
+        _check_seed("Drip", seed)
+        for name, value in [
+            ("data", _to_bytes("Drip", "data", data)),
+            ("chunk", chunk),
+            ("interval", interval),
+            ("jitter", jitter),
+            ("seed", seed),
+        ]:
+            object.__setattr__(self, name, value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class ReadUntil:
     """Read until ``delimiter`` has arrived; the step takes the bytes up to and including it.
 
@@ -152,11 +168,11 @@ class ReadUntil:
 
     delimiter: bytes
 
-    def __post_init__(self) -> None:
-        delimiter = _to_bytes("ReadUntil", "delimiter", self.delimiter)
-        if not delimiter:
+    def __init__(self, delimiter: str | bytes | bytearray | memoryview) -> None:
+        data = _to_bytes("ReadUntil", "delimiter", delimiter)
+        if not data:
             raise ValueError("ReadUntil: delimiter must not be empty")
-        object.__setattr__(self, "delimiter", delimiter)
+        object.__setattr__(self, "delimiter", data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,9 +321,11 @@ def _compile_step(value: object) -> Step:
         return SendStep(_label(value), memoryview(value.encode("utf-8")))
     if isinstance(value, (bytes, bytearray, memoryview)):
         view = memoryview(value)
-        return SendStep(
-            _label(value), view if view.format == "B" and view.ndim == 1 else view.cast("B")
-        )
+        if not view.c_contiguous:
+            view = memoryview(view.tobytes())  # socket.send() needs a contiguous buffer
+        elif view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        return SendStep(_label(value), view)
     if isinstance(value, ReadUntil):
         return ReadStep(_label(value), delimiter=value.delimiter)
     if isinstance(value, Expect):
@@ -379,7 +397,9 @@ def compile_script(
                 _check_order(steps, part)
                 steps.append(part)
         except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{name}[{index}] = {_label(value)}: {exc}") from None
+            # Not type(exc): subclasses such as UnicodeEncodeError take other arguments.
+            kind = TypeError if isinstance(exc, TypeError) else ValueError
+            raise kind(f"{name}[{index}] = {_label(value)}: {exc}") from None
     if tls and not started_tls:
         steps.insert(0, StartTLS())
     return tuple(steps)

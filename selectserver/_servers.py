@@ -47,8 +47,7 @@ DEFAULT_TIMEOUT = 30.0
 
 def _bind(host: str, port: int, *, listen: bool, backlog: int = socket.SOMAXCONN) -> socket.socket:
     """A TCP socket bound to ``(host, port)``, listening if asked; errors raise ``OSError`` here."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
+    _check_int("port", port, 0, 65535)
     if not isinstance(host, str):
         raise TypeError(f"host must be a str, got {host!r}")
     family, kind, proto, _, address = socket.getaddrinfo(
@@ -92,6 +91,15 @@ def _listen(
 
 def _is_abstract(path: str | bytes) -> bool:
     return path[:1] in ("\0", b"\0")
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """TypeError unless ``value`` is an int (not a bool); ValueError unless low <= it <= high."""
+    span = f"from {low} to {high}" if high is not None else f">= {low}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int {span}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an int {span}, got {value!r}")
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool) -> None:
@@ -212,7 +220,7 @@ class CommandServer(_Endpoint):
             ends as ``TIMED_OUT`` (a failure ``check()`` reports); None waits forever.
         max_receive: how many received bytes each connection's record keeps at most; the rest
             is counted in the record's ``dropped``. A ``ReadUntil``/``Expect`` step that has
-            buffered this many bytes without a match fails.
+            buffered more than this many bytes without a match fails.
         tls: serve TLS: ``True`` makes a certificate for localhost, 127.0.0.1 and ::1 signed by
             a throwaway CA (needs the ``tls`` extra, trustme); ``"expired"`` and
             ``"wrong-host"`` make certificates clients must reject; or pass your own
@@ -244,17 +252,10 @@ class CommandServer(_Endpoint):
     ) -> None:
         self._tls = tls_material(tls)
         compiled = _compile_scripts(commands, scripts, tls=self._tls is not None)
-        if max_connections is not None and (
-            isinstance(max_connections, bool)
-            or not isinstance(max_connections, int)
-            or max_connections < 1
-        ):
-            raise ValueError(
-                f"max_connections must be an int >= 1 or None, got {max_connections!r}"
-            )
+        if max_connections is not None:
+            _check_int("max_connections", max_connections, 1)
         _check_seconds("timeout", timeout, allow_none=True)
-        if isinstance(max_receive, bool) or not isinstance(max_receive, int) or max_receive < 0:
-            raise ValueError(f"max_receive must be an int >= 0, got {max_receive!r}")
+        _check_int("max_receive", max_receive, 0)
         self._log = self._make_log(max_receive)
         sock = _bind(host, port, listen=True) if path is None else _bind_unix(path)
         name = sock.getsockname()

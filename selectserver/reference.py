@@ -1,0 +1,556 @@
+"""The reference client: plays the peer's side of a script against a real server.
+
+It is what selectserver uses to test itself, and what a user can use to check a script before
+pointing their own client at it. Given a script and an address, :func:`play` connects and, step by
+step, does what a well-behaved peer does:
+
+* receive steps: it sends bytes that complete the step exactly (``RECEIVE``: a few bytes;
+  ``n``: ``n`` bytes; ``ReadUntil(d)``: bytes without ``d``, then ``d``; ``Expect`` with a literal
+  pattern: bytes, then the literal). The bytes come from ``random.Random`` seeded with ``seed``
+  and the step's index, or from a ``payload`` callable;
+* send steps (``str``/``bytes``, ``Drip``, ``Garbage``): it reads exactly that many bytes;
+  ``Delay``, ``Throttle`` and drips just make it wait longer for them;
+* ``HALF_CLOSE``, ``HANGUP`` and the end of the script: it expects EOF;
+* ``RESET``: it expects a reset (see below); ``STALL``: it checks that nothing arrives for
+  ``quiet`` seconds, then closes.
+
+It returns a :class:`Transcript`; :func:`expected_transcript` computes what it should be.
+
+Step boundaries
+---------------
+TCP has no message boundaries, and the server's steps read greedily: ``RECEIVE`` takes every byte
+available when it completes, and an ``int`` step every byte of the reads that complete it. So if
+the bytes of a ``RECEIVE`` or ``int`` step and those of the next receive step travel together,
+the server may take both in the first step and then wait for bytes that never come. The client
+therefore sends each step's bytes with one ``sendall`` (a ``RECEIVE`` payload should fit in one
+segment: the defaults are a few dozen bytes) and, before sending the next receive step's bytes,
+makes sure the server has finished the previous one: a send or ``HALF_CLOSE`` in between shows
+it on the wire (the client reads those bytes or that EOF first). ``ReadUntil`` and ``Expect`` take
+an exact prefix, so nothing has to be shown after them. Where nothing shows it, the client calls
+``sync`` (see :func:`server_sync`, which watches the server's record of the connection);
+:func:`needs_sync` tells whether a script has such a boundary. Without ``sync`` the client sends
+anyway: the joined bytes still match, but the server may split them differently and then wait,
+so the connection can end by timeout.
+
+What Linux shows a client on a reset
+------------------------------------
+Data that arrived before the RST stays readable: ``recv`` returns it, then raises
+``ConnectionResetError`` once, then returns ``b""``. After a FIN (``HALF_CLOSE`` then ``RESET``)
+``recv`` only ever returns ``b""``; the reset shows as ``POLLHUP``/``POLLERR`` and a pending
+``SO_ERROR`` of ``EPIPE``, which is how the client sees it. An RST also makes the kernel drop what
+the server's socket had accepted but not yet delivered, so a ``RESET`` right after a send larger
+than the client's receive window can cut that send short.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import random
+import re
+import select
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, Union
+
+from ._records import Outcome
+from ._script import Command, ReadStep, SendStep, compile_script
+
+__all__ = [
+    "Ending",
+    "Payload",
+    "Sync",
+    "Transcript",
+    "expected_outcome",
+    "expected_transcript",
+    "needs_sync",
+    "play",
+    "server_sync",
+]
+
+#: A payload callable: ``payload(index, step)`` returns the bytes to send for the receive step
+#: ``step`` (as written in the script) at ``index``, or None for the seeded default.
+Payload = Callable[[int, object], Union[bytes, None]]
+
+#: A sync callable: ``sync(sock, n)`` returns once the server has completed ``n`` receive steps
+#: on the connection of the client socket ``sock`` (or that connection has ended).
+Sync = Callable[[socket.socket, int], None]
+
+#: The seeded default sizes: a RECEIVE payload, and the bytes before a delimiter or literal.
+RECEIVE_SIZES = (1, 32)
+PREFIX_SIZES = (0, 16)
+#: How much unexpected data the client reads while waiting for an EOF or a reset.
+EXTRA_LIMIT = 1024 * 1024
+_RECV_SIZE = 256 * 1024
+_LITERAL_META = frozenset(b".^$*+?{}[]|()")
+
+
+class Ending(enum.Enum):
+    """How a connection ended, as the client saw it."""
+
+    EOF = "eof"
+    """The server closed gracefully: the client read EOF where the script ends."""
+    RESET = "reset"
+    """The connection was reset."""
+    CLIENT_CLOSED = "client closed"
+    """The client closed first (after ``STALL``: nothing arrived for ``quiet`` seconds)."""
+    TIMED_OUT = "timed out"
+    """The server was silent for longer than the client's ``timeout``; the client closed."""
+
+    def __repr__(self) -> str:
+        return f"Ending.{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    """What one connection looked like from the client's side.
+
+    Attributes:
+        sent: the bytes the client sent for each receive step, in order.
+        received: every byte the client received.
+        ending: how the connection ended.
+        note: what went wrong, in words, if anything did (not compared).
+    """
+
+    sent: tuple[bytes, ...]
+    received: bytes
+    ending: Ending
+    note: str = field(default="", compare=False)
+
+
+# ---- the plan: what the client does, computed once from the script --------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Feed:
+    """Send ``data`` for the receive step at ``index``; first ``sync`` to ``synced`` steps."""
+
+    index: int
+    data: bytes
+    synced: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """Read exactly ``size`` bytes."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Eof:
+    """Read EOF (``HALF_CLOSE``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    moves: tuple[_Feed | _Read | _Eof, ...]
+    ending: Ending
+    outcome: Outcome
+
+
+def _user_steps(script: object) -> list[object]:
+    """The script as a list of the user's steps (a bare str/bytes ``S`` is ``[RECEIVE, S]``)."""
+    if isinstance(script, (str, bytes, bytearray, memoryview)):
+        return [Command.RECEIVE, script]
+    if isinstance(script, Iterable) and not isinstance(script, (dict, set, frozenset)):
+        return list(script)
+    compile_script(script)  # raises compile_script's TypeError
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _literal(regex: re.Pattern[bytes]) -> bytes | None:
+    """The bytes a regex matches if it is a plain literal (as ``re.escape`` makes), else None."""
+    if regex.flags & re.VERBOSE:
+        return None
+    out = bytearray()
+    escaped = False
+    for byte in regex.pattern:
+        if escaped:
+            if chr(byte).isalnum():
+                return None  # \d, \w, \1 ...: not a literal
+            out.append(byte)
+            escaped = False
+        elif byte == 0x5C:  # a backslash
+            escaped = True
+        elif byte in _LITERAL_META:
+            return None
+        else:
+            out.append(byte)
+    if not out or regex.fullmatch(out) is None:
+        return None
+    return bytes(out)
+
+
+def _completes(step: ReadStep, data: bytes) -> bool:
+    """Whether ``data``, arriving at once, completes ``step`` exactly (no byte left over)."""
+    if step.min_bytes == 1:
+        return bool(data)
+    if step.min_bytes:
+        return len(data) == step.min_bytes
+    if step.delimiter is not None:
+        return data.find(step.delimiter) == len(data) - len(step.delimiter)
+    assert step.regex is not None
+    match = step.regex.search(data)
+    return match is not None and match.end() == len(data)
+
+
+def _seeded(seed: int, index: int, step: ReadStep) -> bytes:
+    """The default bytes for ``step``: reproducible from ``seed`` and ``index``."""
+    rng = random.Random(f"selectserver.reference:{seed}:{index}")
+    if step.min_bytes:
+        size = step.min_bytes if step.min_bytes > 1 else rng.randint(*RECEIVE_SIZES)
+        return rng.randbytes(size)
+    if step.delimiter is not None:
+        tail = step.delimiter
+    else:
+        assert step.regex is not None
+        if step.regex.search(b""):
+            return b""  # the pattern matches nothing at all: the step takes no bytes
+        literal = _literal(step.regex)
+        if literal is None:
+            raise ValueError(
+                f"cannot make bytes that match {step.label} (not a literal pattern); "
+                "pass payload= to supply them"
+            )
+        tail = literal
+    # A prefix without the tail's first byte (in either case) cannot hold an earlier match.
+    banned = {tail[0], ord(chr(tail[0]).swapcase()) if tail[0] < 128 else tail[0]}
+    prefix = bytes(b for b in rng.randbytes(rng.randint(*PREFIX_SIZES)) if b not in banned)
+    return prefix + tail if _completes(step, prefix + tail) else tail
+
+
+_DataFor = Callable[[int, object, ReadStep], bytes]
+
+
+def _data_for(seed: int, payload: Payload | None) -> _DataFor:
+    """What to send for each receive step: ``payload``'s bytes, else the seeded default."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if payload is not None and not callable(payload):
+        raise TypeError(f"payload must be a callable or None, got {payload!r}")
+
+    def data_for(index: int, written: object, step: ReadStep) -> bytes:
+        data = payload(index, written) if payload is not None else None
+        if data is None:
+            return _seeded(seed, index, step)
+        if not isinstance(data, bytes) or not _completes(step, data):
+            raise ValueError(
+                f"payload for script[{index}] = {step.label} must be bytes that complete "
+                f"the step exactly, got {data!r}"
+            )
+        return data
+
+    return data_for
+
+
+def _no_data(index: int, written: object, step: ReadStep) -> bytes:
+    return b""
+
+
+def _plan(script: object, data_for: _DataFor) -> _Plan:
+    """Check ``script`` and work out every move of the client."""
+    user = _user_steps(script)
+    compiled = compile_script(user)
+    moves: list[_Feed | _Read | _Eof] = []
+    fed = 0
+    unconfirmed = False  # the last fed step was a count step the wire has not shown complete
+    ending, outcome = Ending.EOF, Outcome.COMPLETED
+    for index, (written, step) in enumerate(zip(user, compiled, strict=True)):
+        if isinstance(step, ReadStep):
+            moves.append(_Feed(index, data_for(index, written, step), fed if unconfirmed else None))
+            fed += 1
+            unconfirmed = bool(step.min_bytes)
+        elif isinstance(step, SendStep) and step.data:
+            if moves and isinstance(moves[-1], _Read):
+                moves[-1] = _Read(moves[-1].size + len(step.data))
+            else:
+                moves.append(_Read(len(step.data)))
+            unconfirmed = False
+        elif step is Command.HALF_CLOSE:
+            moves.append(_Eof())
+            unconfirmed = False
+        elif step is Command.HANGUP:
+            outcome = Outcome.HUNG_UP
+        elif step is Command.RESET:
+            ending, outcome = Ending.RESET, Outcome.RESET
+        elif step is Command.STALL:
+            ending, outcome = Ending.CLIENT_CLOSED, Outcome.PEER_CLOSED
+    return _Plan(tuple(moves), ending, outcome)
+
+
+def expected_transcript(
+    script: object, *, seed: int = 0, payload: Payload | None = None
+) -> Transcript:
+    """The transcript :func:`play` returns when the server plays ``script`` faithfully.
+
+    ``sent`` holds the bytes for each receive step, ``received`` the script's sends joined, and
+    ``ending`` follows the script's last step (``RESET``: RESET, ``STALL``: CLIENT_CLOSED, else
+    EOF). Same arguments as :func:`play`.
+
+    Raises:
+        TypeError, ValueError: a bad script; an ``Expect`` that is not a literal pattern and for
+            which ``payload`` gives no bytes; a payload that does not complete its step exactly.
+    """
+    plan = _plan(script, _data_for(seed, payload))
+    steps = compile_script(_user_steps(script))
+    received = b"".join(bytes(step.data) for step in steps if isinstance(step, SendStep))
+    sent = tuple(move.data for move in plan.moves if isinstance(move, _Feed))
+    return Transcript(sent, received, plan.ending)
+
+
+def expected_outcome(script: object) -> Outcome:
+    """How the server's record ends when this client plays ``script`` against it.
+
+    ``HANGUP``: HUNG_UP; ``RESET``: RESET; ``STALL``: PEER_CLOSED (the client closes);
+    otherwise COMPLETED.
+    """
+    return _plan(script, _no_data).outcome
+
+
+def needs_sync(script: object) -> bool:
+    """Whether the client needs ``sync`` to keep two of the script's receive steps apart.
+
+    True when a ``RECEIVE`` or int step is followed by another receive step with no send or
+    ``HALF_CLOSE`` in between, so nothing on the wire shows that the first step is complete.
+    """
+    moves = _plan(script, _no_data).moves
+    return any(isinstance(move, _Feed) and move.synced is not None for move in moves)
+
+
+# ---- playing ----------------------------------------------------------------------------------
+
+
+class _Connections(Protocol):
+    @property
+    def connections(self) -> Sequence[_Record]: ...
+
+
+class _Record(Protocol):
+    @property
+    def peer(self) -> object: ...
+    @property
+    def received(self) -> list[bytes]: ...
+    @property
+    def ended(self) -> bool: ...
+
+
+def server_sync(server: _Connections, *, timeout: float = 5.0) -> Sync:
+    """A ``sync`` for :func:`play` that watches ``server``'s records (a CommandServer).
+
+    It finds the record whose peer is the client socket's address and waits, polling every few
+    milliseconds for at most ``timeout`` seconds, until that connection has completed the
+    asked number of receive steps or has ended.
+
+    Raises (from the returned callable):
+        TimeoutError: the connection did not get there within ``timeout`` seconds.
+    """
+
+    def sync(sock: socket.socket, steps: int) -> None:
+        me = sock.getsockname()[:2]
+        deadline = time.monotonic() + timeout
+        pause = 0.0005
+        record: _Record | None = None
+        while True:
+            if record is None:
+                record = next(
+                    (r for r in server.connections if _address(r.peer) == me),
+                    None,
+                )
+            if record is not None and (len(record.received) >= steps or record.ended):
+                return
+            if time.monotonic() >= deadline:
+                state = "never accepted" if record is None else f"{len(record.received)} done"
+                raise TimeoutError(f"server did not complete {steps} receive steps: {state}")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    return sync
+
+
+def _address(peer: object) -> object:
+    return tuple(peer[:2]) if isinstance(peer, tuple) else peer
+
+
+class _Stop(Exception):
+    """The connection ended before the plan did."""
+
+    def __init__(self, ending: Ending, note: str) -> None:
+        super().__init__(note)
+        self.ending = ending
+        self.note = note
+
+
+def play(
+    script: object,
+    address: tuple[str, int],
+    *,
+    seed: int = 0,
+    payload: Payload | None = None,
+    sync: Sync | None = None,
+    timeout: float = 5.0,
+    quiet: float = 0.05,
+) -> Transcript:
+    """Connect to ``address`` and play the peer's side of ``script``; see the module docstring.
+
+    Args:
+        script: the server's script, as given to the server (steps, or a bare str/bytes).
+        address: where the server listens, e.g. ``server.address``.
+        seed: picks the bytes sent for receive steps (the same seed sends the same bytes).
+        payload: ``payload(index, step)`` gives the bytes for a receive step, or None for the
+            seeded default. Needed for ``Expect`` with a pattern that is not a literal.
+        sync: called before sending a receive step's bytes where nothing on the wire shows
+            that the previous step is complete (see :func:`server_sync`, :func:`needs_sync`).
+        timeout: seconds the client waits on any one operation, so it never hangs: a silent
+            server ends the transcript with ``Ending.TIMED_OUT``.
+        quiet: seconds the client waits at ``STALL`` to confirm that nothing arrives.
+
+    Returns:
+        The :class:`Transcript`; compare it with :func:`expected_transcript`.
+
+    Raises:
+        TypeError, ValueError: as :func:`expected_transcript`, or a bad timeout.
+        OSError: the connection could not be made, or failed other than by reset or timeout.
+    """
+    plan = _plan(script, _data_for(seed, payload))
+    for name, value in (("timeout", timeout), ("quiet", quiet)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+    family, kind, proto, _, where = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.connect(where)
+            early = 0
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            # A connect with a timeout asks SO_ERROR once the socket is writable; a server that
+            # resets at once is reported here (and the error is consumed), not by recv().
+            early = exc.errno or errno.ECONNRESET
+        return _Player(sock, sync, timeout, quiet, early).run(plan)
+
+
+class _Player:
+    """Carries out a plan on one connected socket (with a timeout set)."""
+
+    def __init__(
+        self, sock: socket.socket, sync: Sync | None, timeout: float, quiet: float, early: int
+    ) -> None:
+        self.sock = sock
+        self.early = early  # errno of a reset that connect() reported, or 0
+        self.sync = sync
+        self.timeout = timeout
+        self.quiet = quiet
+        self.sent: list[bytes] = []
+        self.received = bytearray()
+        self.eof = False
+
+    def run(self, plan: _Plan) -> Transcript:
+        ending, note = plan.ending, ""
+        try:
+            for move in plan.moves:
+                if isinstance(move, _Feed):
+                    self._feed(move)
+                elif isinstance(move, _Read):
+                    self._read(move.size)
+                else:
+                    self._end_of_stream(Ending.EOF, "at HALF_CLOSE")
+            if plan.ending is Ending.CLIENT_CLOSED:
+                self._stall()
+            else:
+                self._end_of_stream(plan.ending, "at the end of the script")
+        except _Stop as stop:
+            ending, note = stop.ending, stop.note
+        return Transcript(tuple(self.sent), bytes(self.received), ending, note)
+
+    def _stop(self, exc: OSError, where: str) -> _Stop:
+        """The :class:`_Stop` for a timeout or reset; other errors propagate."""
+        if isinstance(exc, TimeoutError):
+            return _Stop(Ending.TIMED_OUT, f"{where}: nothing for {self.timeout:g} s")
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            return _Stop(Ending.RESET, f"{where}: {exc}")
+        raise exc
+
+    def _feed(self, move: _Feed) -> None:
+        where = f"sending for script[{move.index}]"
+        if move.synced is not None and self.sync is not None:
+            try:
+                self.sync(self.sock, move.synced)
+            except TimeoutError as exc:
+                raise _Stop(Ending.TIMED_OUT, f"{where}: {exc}") from None
+        try:
+            self.sock.sendall(move.data)
+        except OSError as exc:
+            raise self._stop(exc, where) from None
+        self.sent.append(move.data)
+
+    def _recv(self, size: int, where: str) -> bytes:
+        """One recv into ``received``; EOF sets ``eof``; a timeout or reset raises _Stop."""
+        try:
+            data = self.sock.recv(size)
+        except OSError as exc:
+            raise self._stop(exc, where) from None
+        if not data and self.early == errno.ECONNRESET:
+            self.early = 0  # the reset connect() reported ends the stream where EOF shows
+            raise _Stop(Ending.RESET, f"{where}: connection reset (reported by connect)")
+        self.eof = not data
+        self.received += data
+        return data
+
+    def _read(self, size: int) -> None:
+        where = f"reading {size} bytes"
+        goal = len(self.received) + size
+        while len(self.received) < goal:
+            if not self._recv(min(goal - len(self.received), _RECV_SIZE), where):
+                got = size - (goal - len(self.received))
+                raise _Stop(Ending.EOF, f"{where}: EOF after {got}")
+
+    def _end_of_stream(self, want: Ending, where: str) -> None:
+        """Read until EOF or a reset, whichever ``want`` says should come, else stop.
+
+        Unexpected bytes go into ``received`` (at most ``EXTRA_LIMIT`` of them).
+        """
+        if self.eof:
+            if want is Ending.RESET:
+                self._reset_after_eof()
+            return
+        start = len(self.received)
+        try:
+            while self._recv(_RECV_SIZE, f"waiting for {want.value} {where}"):
+                if len(self.received) - start > EXTRA_LIMIT:
+                    raise _Stop(Ending.TIMED_OUT, f"{where}: the server keeps sending")
+        except _Stop as stop:
+            if stop.ending is not want:
+                raise
+        else:
+            if want is not Ending.EOF:
+                raise _Stop(Ending.EOF, f"{where}: EOF instead of a reset")
+        if len(self.received) > start:
+            raise _Stop(want, f"{where}: {len(self.received) - start} unexpected bytes")
+
+    def _reset_after_eof(self) -> None:
+        """After a FIN, recv() reports nothing more: wait for the hang-up, then ask SO_ERROR."""
+        where = "waiting for a reset after EOF"
+        if self.early:
+            return  # connect() reported it (EPIPE: the reset came after the FIN)
+        if not hasattr(select, "poll"):  # pragma: no cover - Linux and macOS have poll
+            raise _Stop(Ending.EOF, f"{where}: cannot see it on this platform")
+        poller = select.poll()
+        poller.register(self.sock, select.POLLHUP | select.POLLERR)
+        if not poller.poll(self.timeout * 1000):
+            raise _Stop(Ending.TIMED_OUT, f"{where}: nothing for {self.timeout:g} s")
+        error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error not in (errno.EPIPE, errno.ECONNRESET):
+            raise _Stop(Ending.EOF, f"{where}: the server closed (SO_ERROR {error})")
+
+    def _stall(self) -> None:
+        """Check that nothing arrives for ``quiet`` seconds (the client then closes)."""
+        if self.eof:
+            return
+        readable, _, _ = select.select([self.sock], [], [], self.quiet)
+        if readable:
+            data = self._recv(_RECV_SIZE, "during STALL")
+            what = f"{len(data)} unexpected bytes" if data else "EOF"
+            raise _Stop(Ending.CLIENT_CLOSED if data else Ending.EOF, f"during STALL: {what}")
