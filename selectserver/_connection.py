@@ -44,7 +44,7 @@ logger = logging.getLogger("selectserver")
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 
-#: bytes asked of one recv()
+#: bytes asked of one recv(); more than a TLS record (16 KiB), so one recv takes a whole record
 RECV_SIZE = 256 * 1024
 #: accepts per readiness event, so one busy listener cannot starve the others
 ACCEPT_BATCH = 64
@@ -342,28 +342,21 @@ class Connection:
         return True
 
     def _receive(self, now: float) -> None:
-        machine = self.machine
-        sock = self.sock
-        while True:
-            try:
-                data = sock.recv(RECV_SIZE)
-            except _WOULD_BLOCK_READ:
-                return
-            except ssl.SSLWantWriteError:
-                self._want(WRITE, None)  # TLS needs to write before it can read more
-                return
-            except OSError as exc:
-                self._lost(exc, "recv", now)
-            else:
-                if data:
-                    self.listener.event("#%d received %d bytes", self.record.index, len(data))
-                machine.receive_data(data, now)
-                # TLS may hold decrypted bytes the selector cannot see: take them now.
-                if data and self._tls and type(machine.next_action()) is Receive:
-                    assert isinstance(sock, ssl.SSLSocket)
-                    if sock.pending():
-                        continue
-            break
+        # Under TLS one recv() of RECV_SIZE takes a whole record (at most 16 KiB), and OpenSSL
+        # does not read ahead, so no decrypted bytes hide from the selector.
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except _WOULD_BLOCK_READ:
+            return
+        except ssl.SSLWantWriteError:
+            self._want(WRITE, None)  # TLS needs to write before it can read more
+            return
+        except OSError as exc:
+            self._lost(exc, "recv", now)
+        else:
+            if data:
+                self.listener.event("#%d received %d bytes", self.record.index, len(data))
+            self.machine.receive_data(data, now)
         self._pump(now)
 
     def _handshake(self, action: Handshake, now: float) -> bool:

@@ -57,7 +57,9 @@ class Command(enum.Enum):
     """Close gracefully now (FIN), draining unread input as the end of a script does."""
     BREAK = "HANGUP"  # noqa: PIE796 - the seed library's name, an alias of HANGUP on purpose
     RESET = "RESET"
-    """Abort the connection: the peer gets a connection reset (RST, SO_LINGER 0)."""
+    """Abort the connection: the peer gets a connection reset (RST, SO_LINGER 0).
+
+    Over a Unix-domain socket, which has no RST, the peer reads EOF instead."""
     HALF_CLOSE = "HALF_CLOSE"
     """Shut down the sending side (the peer reads EOF); later steps may still read."""
     STALL = "STALL"

@@ -226,7 +226,8 @@ class CommandServer(_Endpoint):
             ``"wrong-host"`` make certificates clients must reject; or pass your own
             ``ssl.SSLContext``. Scripts start with a handshake unless they place ``StartTLS``.
         path: listen on this Unix-domain socket path instead of TCP (a leading ``"\\0"``
-            names a Linux abstract socket); the file is removed on close.
+            names a Linux abstract socket); the file is removed on close. Unix sockets have
+            no RST: after ``RESET`` the peer reads EOF.
         reactor: a started :class:`Reactor` to serve on instead of the shared default one.
 
     Raises:
@@ -258,8 +259,9 @@ class CommandServer(_Endpoint):
         _check_int("max_receive", max_receive, 0)
         self._log = self._make_log(max_receive)
         sock = _bind(host, port, listen=True) if path is None else _bind_unix(path)
-        name = sock.getsockname()
-        self._sock_name = name[:2] if isinstance(name, tuple) else name
+        # A Unix socket keeps the path as the caller gave it: getsockname() would return an
+        # abstract name as bytes and a bytes path as str.
+        self._sock_name = sock.getsockname()[:2] if path is None else path
         if self._tls is not None:
             self._scheme = "https"
         self._listener = Listener(
