@@ -228,37 +228,39 @@ def test_a_bare_payload_means_receive_then_send(payload: object) -> None:
     assert steps[1].data.tobytes() == b"hi"
 
 
+COMPILED_SHAPES: list[tuple[object, object]] = [
+    (RECEIVE, RECEIVE_STEP),
+    (1, ReadStep("1", min_bytes=1)),
+    (4096, ReadStep("4096", min_bytes=4096)),
+    (
+        ReadUntil("\r\n"),
+        ReadStep("ReadUntil(delimiter=b'\\r\\n')", delimiter=b"\r\n"),
+    ),
+    (HANGUP, HANGUP),
+    (RESET, RESET),
+    (HALF_CLOSE, HALF_CLOSE),
+    (STALL, STALL),
+    (Delay(1.5, jitter=0.5, seed=3), Delay(1.5, jitter=0.5, seed=3)),
+    (Throttle(100), Throttle(100)),
+    (Throttle(None), Throttle(None)),
+    ("é", SendStep("'é'", memoryview("é".encode()))),
+    (
+        Drip("abc", chunk=2, interval=0.5, jitter=0.1, seed=9),
+        SendStep(
+            "Drip(data=b'abc', chunk=2, interval=0.5, jitter=0.1, seed=9)",
+            memoryview(b"abc"),
+            2,
+            0.5,
+            0.1,
+            9,
+        ),
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [
-        (RECEIVE, RECEIVE_STEP),
-        (1, ReadStep("1", min_bytes=1)),
-        (4096, ReadStep("4096", min_bytes=4096)),
-        (
-            ReadUntil("\r\n"),
-            ReadStep("ReadUntil(delimiter=b'\\r\\n')", delimiter=b"\r\n"),
-        ),
-        (HANGUP, HANGUP),
-        (RESET, RESET),
-        (HALF_CLOSE, HALF_CLOSE),
-        (STALL, STALL),
-        (Delay(1.5, jitter=0.5, seed=3), Delay(1.5, jitter=0.5, seed=3)),
-        (Throttle(100), Throttle(100)),
-        (Throttle(None), Throttle(None)),
-        ("é", SendStep("'é'", memoryview("é".encode()))),
-        (
-            Drip("abc", chunk=2, interval=0.5, jitter=0.1, seed=9),
-            SendStep(
-                "Drip(data=b'abc', chunk=2, interval=0.5, jitter=0.1, seed=9)",
-                memoryview(b"abc"),
-                2,
-                0.5,
-                0.1,
-                9,
-            ),
-        ),
-    ],
-    ids=repr,
+    [pytest.param(value, expected, id=repr(value)) for value, expected in COMPILED_SHAPES],
 )
 def test_compiled_shapes(value: object, expected: object) -> None:
     assert compile_script([value]) == (expected,)
