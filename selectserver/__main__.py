@@ -32,7 +32,7 @@ steps (played in order to every connection):
   until:TEXT           read until TEXT arrives (e.g. until:\\r\\n\\r\\n)
   expect:REGEX         read until REGEX matches; a miss is reported
   delay:SECONDS        pause
-  HANGUP RESET HALF_CLOSE STALL
+  HANGUP (or BREAK) RESET HALF_CLOSE STALL
                        close (FIN), reset (RST), shut the sending side, hang forever
   text:TEXT or TEXT    send TEXT (backslash escapes such as \\r\\n work)
 
@@ -48,6 +48,13 @@ def _unescape(text: str) -> bytes:
 
 def parse_step(word: str) -> object:
     """One command-line word as a script step (see ``serve --help``)."""
+    try:
+        return _parse_step(word)
+    except (TypeError, ValueError) as exc:  # argparse would print only "invalid value"
+        raise argparse.ArgumentTypeError(f"{word!r}: {exc}") from None
+
+
+def _parse_step(word: str) -> object:
     if word.isdigit():
         return int(word)
     if word in Command.__members__:
@@ -57,12 +64,9 @@ def parse_step(word: str) -> object:
         if prefix == "until":
             return ReadUntil(_unescape(rest))
         if prefix == "expect":
-            return Expect(_unescape(rest))
+            return Expect(rest)  # re reads \r, \n, \xNN itself; unescaping would break \b, \d
         if prefix == "delay":
-            try:
-                return Delay(float(rest))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"delay needs seconds: {word!r}") from None
+            return Delay(float(rest))
         if prefix == "text":
             return _unescape(rest)
     return _unescape(word)

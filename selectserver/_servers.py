@@ -45,7 +45,9 @@ __all__ = [
 DEFAULT_TIMEOUT = 30.0
 
 
-def _bind(host: str, port: int, *, listen: bool, backlog: int = socket.SOMAXCONN) -> socket.socket:
+def _bind(
+    host: str, port: int, *, listen: bool, backlog: int = socket.SOMAXCONN, reuse: bool = True
+) -> socket.socket:
     """A TCP socket bound to ``(host, port)``, listening if asked; errors raise ``OSError`` here."""
     _check_int("port", port, 0, 65535)
     if not isinstance(host, str):
@@ -55,7 +57,7 @@ def _bind(host: str, port: int, *, listen: bool, backlog: int = socket.SOMAXCONN
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
-        if hasattr(socket, "SO_REUSEADDR") and socket.SO_REUSEADDR:
+        if reuse and hasattr(socket, "SO_REUSEADDR") and socket.SO_REUSEADDR:
             # Lets a fixed port be reused while old connections sit in TIME_WAIT; on POSIX it
             # never lets two sockets listen on one port.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -465,7 +467,9 @@ class _HeldPort(_Endpoint):
     """A bound port that is never served."""
 
     def __init__(self, host: str, port: int, *, listen: bool) -> None:
-        self._sock: socket.socket | None = _bind(host, port, listen=listen, backlog=0)
+        # No SO_REUSEADDR: on Linux two sockets that both set it may share a port while neither
+        # listens, so a held port must not set it, or any server could take the port.
+        self._sock: socket.socket | None = _bind(host, port, listen=listen, backlog=0, reuse=False)
         self._sock_name = self._sock.getsockname()[:2]
         self._extra: list[socket.socket] = []
 
