@@ -23,7 +23,7 @@ from typing import TypedDict
 
 import pytest
 import requests
-from conftest import CLIENT_TIMEOUT, HTTP_OK, connect, read_to_eof
+from conftest import CLIENT_TIMEOUT, HAS_IPV6, HTTP_OK, connect, read_to_eof
 
 import selectserver
 from selectserver import (
@@ -39,19 +39,6 @@ from selectserver import (
     ReadUntil,
 )
 
-
-def _has_ipv6() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-HAS_IPV6 = _has_ipv6()
 HAS_UNIX = hasattr(socket, "AF_UNIX")
 needs_ipv6 = pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback")
 needs_unix = pytest.mark.skipif(not HAS_UNIX, reason="no Unix-domain sockets")
