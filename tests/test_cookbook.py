@@ -36,9 +36,9 @@ def test_retry_after_reset() -> None:
     # The first connection is reset; the second (and any later one) gets the answer.
     with (
         CommandServer(scripts=[[RESET], [RECEIVE, ok]], verbose=False) as server,
-        urllib3.PoolManager(retries=Retry(total=2, backoff_factor=0)) as http,
+        urllib3.PoolManager(retries=Retry(total=2, backoff_factor=0)) as pool,
     ):
-        response = http.request("GET", server.url)
+        response = pool.request("GET", server.url)
     assert response.data == b"ok"
     assert [c.outcome for c in server.connections] == [Outcome.RESET, Outcome.COMPLETED]
 
