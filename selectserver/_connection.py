@@ -20,6 +20,7 @@ Sockets are closed so the peer sees what the script means:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import selectors
 import socket
@@ -44,8 +45,6 @@ logger = logging.getLogger("selectserver")
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 
-#: bytes asked of one recv(); more than a TLS record (16 KiB), so one recv takes a whole record
-RECV_SIZE = 256 * 1024
 #: accepts per readiness event, so one busy listener cannot starve the others
 ACCEPT_BATCH = 64
 #: how long a listener out of file descriptors pauses before accepting again
@@ -58,11 +57,12 @@ _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 #: the most one TLS send takes of a payload (a TLS write is all or nothing)
 TLS_SEND_SIZE = 64 * 1024
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+#: whether DEBUG records would go anywhere (a C-level call: cheap on the hot path)
+_debugging = functools.partial(logger.isEnabledFor, logging.DEBUG)
 _WOULD_BLOCK_READ = (BlockingIOError, InterruptedError, ssl.SSLWantReadError)
 _WOULD_BLOCK_WRITE = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError)
 #: outcomes that close with FIN and drain (TRUNCATED skips TLS's close_notify)
 _GRACEFUL = frozenset({Outcome.COMPLETED, Outcome.HUNG_UP, Outcome.TRUNCATED})
-_DRAIN_BUFFER = bytearray(RECV_SIZE)  # only the reactor thread drains, so one buffer serves all
 
 
 def format_address(address: object) -> str:
@@ -102,6 +102,11 @@ class Listener:
         self.closed = threading.Event()  # set once its sockets are all closed
         self.reactor: Reactor | None = None
         self._mask = 0
+
+    @property
+    def tracing(self) -> bool:
+        """Whether events go anywhere: hot paths check this before building one."""
+        return self.verbose or _debugging()
 
     def event(self, message: str, *args: object) -> None:
         """Report an event: a ``SERVER:`` line when verbose, and a DEBUG log record always."""
@@ -193,7 +198,8 @@ class Listener:
         self.accepted += 1
         record = self.log.new_connection(peer, now)
         script = self.scripts[min(index, len(self.scripts) - 1)]
-        self.event("#%d accepted from %s", index, format_address(peer))
+        if self.tracing:
+            self.event("#%d accepted from %s", index, format_address(peer))
         try:
             connection = Connection(self, sock, record, script, now)
         except Exception as exc:  # a bug: it must cost this connection, never the listener
@@ -212,6 +218,7 @@ class Connection:
     """Carries out one step machine's actions on one accepted, non-blocking socket."""
 
     __slots__ = (
+        "_buffer",
         "_closed",
         "_drain_until",
         "_drained",
@@ -243,6 +250,9 @@ class Connection:
         self._drained = 0
         self._tls = False  # whether sock is an SSLSocket
         self._closed = False
+        reactor = listener.reactor
+        assert reactor is not None
+        self._buffer = reactor.receive_buffer()
 
     def start(self, now: float) -> None:
         """Run the script's first steps."""
@@ -334,7 +344,8 @@ class Connection:
         except OSError as exc:
             self._lost(exc, "send", now)
         else:
-            self.listener.event("#%d sent %d bytes", self.record.index, sent)
+            if self.listener.tracing:
+                self.listener.event("#%d sent %d bytes", self.record.index, sent)
             machine.data_sent(sent, now)
             if sent < len(data):
                 self._want(WRITE, action.deadline)
@@ -342,10 +353,13 @@ class Connection:
         return True
 
     def _receive(self, now: float) -> None:
-        # Under TLS one recv() of RECV_SIZE takes a whole record (at most 16 KiB), and OpenSSL
-        # does not read ahead, so no decrypted bytes hide from the selector.
+        # Under TLS one recv() into the 256 KiB buffer takes a whole record (at most 16 KiB),
+        # and OpenSSL does not read ahead, so no decrypted bytes hide from the selector.
+        # recv_into a reused buffer: recv(256 KiB) mallocs above glibc's mmap threshold,
+        # which can cost an mmap/munmap pair per call (most of a loopback round trip).
+        buffer = self._buffer
         try:
-            data = self.sock.recv(RECV_SIZE)
+            count = self.sock.recv_into(buffer)
         except _WOULD_BLOCK_READ:
             return
         except ssl.SSLWantWriteError:
@@ -354,9 +368,9 @@ class Connection:
         except OSError as exc:
             self._lost(exc, "recv", now)
         else:
-            if data:
-                self.listener.event("#%d received %d bytes", self.record.index, len(data))
-            self.machine.receive_data(data, now)
+            if count and self.listener.tracing:
+                self.listener.event("#%d received %d bytes", self.record.index, count)
+            self.machine.receive_data(buffer[:count].tobytes(), now)
         self._pump(now)
 
     def _handshake(self, action: Handshake, now: float) -> bool:
@@ -429,12 +443,11 @@ class Connection:
 
     def _end(self, outcome: Outcome, now: float) -> None:
         record = self.record
-        self.listener.event(
-            "#%d ended: %s%s",
-            record.index,
-            outcome.value,
-            f" ({record.failure or record.detail})" if record.failure or record.detail else "",
-        )
+        if self.listener.tracing:
+            why = record.failure or record.detail
+            self.listener.event(
+                "#%d ended: %s%s", record.index, outcome.value, f" ({why})" if why else ""
+            )
         if outcome in _GRACEFUL:
             if not record.half_closed:
                 self._shutdown_write(close_notify=outcome is not Outcome.TRUNCATED)
@@ -453,7 +466,7 @@ class Connection:
         """Read and discard until the peer closes, so closing sends FIN rather than RST."""
         for _ in range(4):  # bounded per event; the selector brings us back
             try:
-                count = self.sock.recv_into(_DRAIN_BUFFER)
+                count = self.sock.recv_into(self._buffer)
             except _WOULD_BLOCK_READ:
                 return
             except OSError:
@@ -478,6 +491,9 @@ class Connection:
             reactor.update_interest(self.sock, self, self._mask, 0)
             self._mask = 0
         self.sock.close()
+        reactor = self.listener.reactor
+        if reactor is not None:
+            reactor.forget_timers(self)
         self.listener.forget(self)
 
 

@@ -36,6 +36,9 @@ __all__ = ["Reactor", "ReactorStatistics", "attach", "statistics"]
 
 logger = logging.getLogger("selectserver")
 
+#: bytes one recv() may take: more than a TLS record (16 KiB), so one recv takes a record
+RECV_BUFFER_SIZE = 256 * 1024
+
 
 class Handler(Protocol):
     """What the reactor dispatches to: a listener or a connection."""
@@ -90,6 +93,7 @@ class Reactor:
         """
         self._selector = selector_factory()
         self._timers: TimerHeap[Handler] = TimerHeap()
+        self._forgotten: set[Handler] = set()  # closed handlers whose timers may remain
         self._servers: set[ServerHandle] = set()
         self._closing: list[ServerHandle] = []  # closed this pass; their closers wait
         self._lock = threading.Lock()
@@ -103,6 +107,7 @@ class Reactor:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name="selectserver-reactor", daemon=True)
         self.error: BaseException | None = None
+        self._buffer: memoryview | None = None
 
     def __repr__(self) -> str:
         state = "stopped" if self._closed else "running" if self._thread.is_alive() else "new"
@@ -189,9 +194,31 @@ class Reactor:
         else:
             self._selector.modify(fileobj, new, handler)
 
+    def receive_buffer(self) -> memoryview:
+        """Where this reactor's connections receive (only its thread uses it).
+
+        Made on first use, so a reactor that never accepts never pays for it.
+        """
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(RECV_BUFFER_SIZE))
+        return self._buffer
+
     def call_at(self, when: float, handler: Handler) -> None:
         """Call ``handler.on_timer(now, when)`` once ``time.monotonic()`` reaches ``when``."""
         self._timers.push(when, handler)
+
+    def forget_timers(self, handler: Handler) -> None:
+        """``handler`` is closed: its armed timers may go (in bulk, once they are many).
+
+        Without this a closed connection's deadline stays in the heap, holding the
+        connection, until it is due: at a few thousand connections a second and a 30 s
+        timeout, that is a hundred thousand dead connections kept alive.
+        """
+        forgotten = self._forgotten
+        forgotten.add(handler)
+        if len(forgotten) >= max(64, len(self._timers) // 4):
+            self._timers.discard(forgotten)
+            forgotten.clear()
 
     def _add_server(self, server: ServerHandle) -> None:
         self._servers.add(server)
@@ -291,6 +318,7 @@ class Reactor:
         self._servers.clear()
         self._closing.clear()
         self._timers.clear()
+        self._forgotten.clear()
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()

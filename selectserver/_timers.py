@@ -45,6 +45,13 @@ class TimerHeap(Generic[T]):
             due.append((when, item))
         return due
 
+    def discard(self, items: set[T]) -> int:
+        """Drop every entry whose item is in ``items``; returns how many went."""
+        before = len(self._heap)
+        self._heap = [entry for entry in self._heap if entry[2] not in items]
+        heapq.heapify(self._heap)
+        return before - len(self._heap)
+
     def clear(self) -> None:
         """Forget every timer."""
         self._heap.clear()
