@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["DEFAULT_MAX_RECEIVE", "ConnectionRecord", "Outcome", "ServerLog"]
 
+_CONDITION_LOCK = threading.Lock()  # makes each ServerLog's Condition exactly once
+
 #: What one connection's record keeps of the bytes it received, unless told otherwise.
 DEFAULT_MAX_RECEIVE = 64 * 1024 * 1024
 
@@ -172,7 +174,9 @@ class ServerLog:
         self.connections: list[ConnectionRecord] = []
         self.failures: list[str] = []
         self._ended: list[ConnectionRecord] = []
-        self._condition = threading.Condition()
+        # Made by the first waiter: most servers are never waited on, and a Condition is
+        # a third of an idle server's memory and a Python-level notify per connection.
+        self._condition: threading.Condition | None = None
         self._extra_on_received = on_received
         self._extra_on_end = on_end
 
@@ -191,9 +195,23 @@ class ServerLog:
 
     def add_failure(self, message: str) -> None:
         """Something went wrong outside any one connection (or killed one: see ``check``)."""
-        with self._condition:
-            self.failures.append(message)
-            self._condition.notify_all()
+        self.failures.append(message)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the waiters, if any. Callers change state first: a waiter that makes the
+        Condition after our check still sees the change when it tests its predicate.
+        """
+        condition = self._condition
+        if condition is not None:
+            with condition:
+                condition.notify_all()
+
+    def _waitable(self) -> threading.Condition:
+        with _CONDITION_LOCK:
+            if self._condition is None:
+                self._condition = threading.Condition()
+            return self._condition
 
     def _received(self, data: bytes) -> None:
         self.received.append(data)
@@ -201,9 +219,8 @@ class ServerLog:
             self._extra_on_received(data)
 
     def _end(self, record: ConnectionRecord) -> None:
-        with self._condition:
-            self._ended.append(record)
-            self._condition.notify_all()
+        self._ended.append(record)
+        self._wake()
         if self._extra_on_end is not None:
             self._extra_on_end(record)
 
@@ -215,8 +232,9 @@ class ServerLog:
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"wait_for_connections: n must be an int >= 0, got {n!r}")
-        with self._condition:
-            if not self._condition.wait_for(lambda: len(self._ended) >= n, timeout):
+        condition = self._waitable()
+        with condition:
+            if not condition.wait_for(lambda: len(self._ended) >= n, timeout):
                 raise TimeoutError(self._describe_wait(n, timeout))
             return sorted(self._ended[:n], key=lambda record: record.index)
 
