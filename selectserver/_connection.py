@@ -78,6 +78,22 @@ def format_address(address: object) -> str:
 class Listener:
     """One fake server on the reactor: accepts connections and runs a script on each."""
 
+    __slots__ = (
+        "_mask",
+        "accepted",
+        "closed",
+        "connections",
+        "log",
+        "max_connections",
+        "name",
+        "reactor",
+        "scripts",
+        "sock",
+        "timeout",
+        "tls_context",
+        "verbose",
+    )
+
     def __init__(
         self,
         sock: socket.socket,
@@ -99,7 +115,8 @@ class Listener:
         self.max_connections = max_connections
         self.connections: set[Connection] = set()
         self.accepted = 0
-        self.closed = threading.Event()  # set once its sockets are all closed
+        # Made by the thread that closes the server, set by the reactor once it is closed.
+        self.closed: threading.Event | None = None
         self.reactor: Reactor | None = None
         self._mask = 0
 
@@ -177,7 +194,6 @@ class Listener:
         self.stop_listening()
         for connection in list(self.connections):
             connection.abort(now)
-        self.closed.set()
 
     def forget(self, connection: Connection) -> None:
         """``connection`` has closed its socket."""

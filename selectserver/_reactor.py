@@ -51,7 +51,7 @@ class Handler(Protocol):
 class ServerHandle(Protocol):
     """What the reactor needs of a server (a ``Listener``)."""
 
-    closed: threading.Event
+    closed: threading.Event | None  # made by a closer before it asks for the removal
 
     @property
     def connections(self) -> Collection[object]:
@@ -151,8 +151,9 @@ class Reactor:
     def remove_server(self, server: ServerHandle) -> bool:
         """Close ``server`` and all its connections on the reactor thread.
 
-        ``server.closed`` is set once its sockets are closed. False if the reactor has stopped
-        (its sockets are then already closed).
+        ``server.closed``, if the caller made one, is set once its sockets are closed and the
+        reactor has decided whether to stop. False if the reactor has stopped (its sockets are
+        then already closed).
         """
         return self.submit(lambda: self._remove_server(server))
 
@@ -292,7 +293,7 @@ class Reactor:
                     self._closed = True
         closing, self._closing = self._closing, []
         for server in closing:
-            server.closed.set()
+            _release(server)
 
     def _drain_wakeups(self) -> None:
         try:
@@ -314,7 +315,7 @@ class Reactor:
                 server.close(now)
             except Exception:
                 logger.exception("selectserver: closing a server failed")
-            server.closed.set()
+            _release(server)
         self._servers.clear()
         self._closing.clear()
         self._timers.clear()
@@ -322,6 +323,12 @@ class Reactor:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+def _release(server: ServerHandle) -> None:
+    """Wake whoever waits for ``server`` to close."""
+    if server.closed is not None:
+        server.closed.set()
 
 
 # ---- the default reactor --------------------------------------------------------------------

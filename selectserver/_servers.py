@@ -345,11 +345,15 @@ class CommandServer(_Endpoint):
         with self._close_lock:
             first = not self._closing
             self._closing = True
+            if first:
+                self._listener.closed = threading.Event()
+        closed = self._listener.closed
+        assert closed is not None
         reactor = self._reactor
         if first and not reactor.remove_server(self._listener):
-            self._listener.closed.set()  # the reactor already stopped, closing everything
+            closed.set()  # the reactor already stopped, closing everything
         if threading.current_thread() is not reactor.thread:
-            self._listener.closed.wait()
+            closed.wait()
             if reactor.stopping:
                 reactor.join()
         if first:
