@@ -57,6 +57,7 @@ _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 #: the most one TLS send takes of a payload (a TLS write is all or nothing)
 TLS_SEND_SIZE = 64 * 1024
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+_AF_UNIX = getattr(socket, "AF_UNIX", None)
 #: whether DEBUG records would go anywhere (a C-level call: cheap on the hot path)
 _debugging = functools.partial(logger.isEnabledFor, logging.DEBUG)
 _WOULD_BLOCK_READ = (BlockingIOError, InterruptedError, ssl.SSLWantReadError)
@@ -209,6 +210,10 @@ class Listener:
 
     def _start(self, sock: socket.socket, peer: object) -> None:
         sock.setblocking(False)
+        if sock.family != _AF_UNIX:
+            # Each step's bytes go out when the script says: Nagle would hold a small send back
+            # (merging Drip's pieces, or losing the bytes before a RESET).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         now = time.monotonic()
         index = self.accepted
         self.accepted += 1
