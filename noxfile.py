@@ -36,3 +36,10 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package, tests, fuzz, benchmarks and this file."""
     install(session, "dev")
     session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmark selectserver against threads/asyncio/rawselect (posargs: --quick, --markdown F)."""
+    install(session)
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -1,0 +1,271 @@
+"""The implementations under test: selectserver and the baselines it is measured against.
+
+Every implementation serves the same step list (see ``benchmarks.common``). ``Impl.open`` makes
+``n`` servers the
+way a user of that library would, one after another, and returns a :class:`Group` whose
+``close()`` closes them all (and stops any loop thread it started, so no thread or descriptor is
+left behind). The baselines:
+
+* ``threads``: ``socketserver.ThreadingTCPServer``, one ``serve_forever`` thread per server
+  (and one thread per connection), as the seed library and pytest-httpserver work;
+* ``asyncio``: one ``asyncio.start_server`` per server, all on one event loop in one thread;
+* ``rawselect``: a minimal hand-written ``selectors`` loop in one thread (``benchmarks.rawselect``),
+  no records and no script machinery beyond the step list: the pure-Python limit;
+* ``plain``: one blocking socket in one thread per server (used for ``bulk``: the loopback
+  limit, a ``sendall`` with nothing around it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import selectserver
+
+from .common import (
+    HOST,
+    RECV_SIZE,
+    WAIT_SECONDS,
+    Address,
+    Group,
+    Impl,
+    Script,
+    bounded_join,
+    listening_socket,
+    play_blocking,
+)
+from .rawselect import RawGroup
+
+__all__ = ["BASELINES", "IMPLEMENTATIONS", "Group", "Impl", "Script", "by_name", "opened"]
+
+T = TypeVar("T")
+#: socketserver's poll interval: how long a thread-per-server takes to notice shutdown()
+THREADS_POLL_SECONDS = 0.1
+
+
+# ---- selectserver ---------------------------------------------------------------------------
+
+
+class _SelectServerGroup:
+    def __init__(self, script: Script, n: int) -> None:
+        steps = [selectserver.RECEIVE if step == 1 else step for step in script]
+        self.servers = [selectserver.CommandServer(steps, verbose=False) for _ in range(n)]
+        self.addresses = [(server.host, server.port) for server in self.servers]
+
+    def settle(self) -> None:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while selectserver.statistics().servers < len(self.servers):
+            if time.monotonic() > deadline:
+                raise RuntimeError("selectserver did not attach its servers in time")
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            server.check()
+
+
+# ---- threads: socketserver, a thread per server and per connection --------------------------
+
+
+class _ScriptServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = socket.SOMAXCONN  # socketserver's default of 5 would drop SYNs
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        super().__init__((HOST, 0), _ScriptHandler)
+
+    def request_shutdown(self) -> None:
+        """Ask ``serve_forever`` to stop without waiting (``shutdown()`` waits for it)."""
+        # socketserver has no public way to ask without waiting; this is what shutdown() sets.
+        self._BaseServer__shutdown_request = True
+
+
+class _ScriptHandler(socketserver.BaseRequestHandler):
+    server: _ScriptServer
+
+    def handle(self) -> None:
+        play_blocking(self.request, self.server.script)
+
+
+class _ThreadsGroup:
+    def __init__(self, script: Script, n: int) -> None:
+        self.servers: list[_ScriptServer] = []
+        self.threads: list[threading.Thread] = []
+        for _ in range(n):
+            server = _ScriptServer(script)
+            thread = threading.Thread(
+                target=server.serve_forever, args=(THREADS_POLL_SECONDS,), daemon=True
+            )
+            thread.start()
+            self.servers.append(server)
+            self.threads.append(thread)
+        self.addresses = [server.socket.getsockname()[:2] for server in self.servers]
+
+    def settle(self) -> None:
+        pass  # serve_forever runs as soon as its thread starts
+
+    def close(self) -> None:
+        # Ask every loop to stop first, so the poll intervals overlap instead of adding up.
+        for server in self.servers:
+            server.request_shutdown()
+        for server, thread in zip(self.servers, self.threads, strict=True):
+            server.shutdown()
+            server.server_close()  # joins its connection threads (block_on_close)
+            bounded_join(thread)
+
+
+# ---- asyncio: one loop thread, one start_server per server -----------------------------------
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+
+
+def _asyncio_handler(script: Script) -> Handler:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for step in script:
+                if isinstance(step, int):
+                    got = 0
+                    while got < step:
+                        data = await reader.read(RECV_SIZE)
+                        if not data:
+                            return
+                        got += len(data)
+                else:
+                    writer.write(step)
+                    await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    return handle
+
+
+class _AsyncioGroup:
+    def __init__(self, script: Script, n: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="asyncio-baseline", daemon=True
+        )
+        self.thread.start()
+        handler = _asyncio_handler(script)
+        self.servers: list[asyncio.Server] = []
+        try:
+            for _ in range(n):
+                self.servers.append(self._call(self._start(handler)))
+        except BaseException:
+            self.close()
+            raise
+        self.addresses = [server.sockets[0].getsockname()[:2] for server in self.servers]
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(WAIT_SECONDS)
+
+    @staticmethod
+    async def _start(handler: Handler) -> asyncio.Server:
+        return await asyncio.start_server(handler, HOST, 0, backlog=socket.SOMAXCONN)
+
+    @staticmethod
+    async def _close_one(server: asyncio.Server) -> asyncio.Server:
+        server.close()
+        await server.wait_closed()
+        return server
+
+    @staticmethod
+    async def _finish() -> None:
+        """Let handlers that are still closing their transports run to the end."""
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.sleep(0)  # transports close on the next pass
+
+    def settle(self) -> None:
+        pass  # start_server returned: the loop serves it
+
+    def close(self) -> None:
+        for server in self.servers:
+            self._call(self._close_one(server))
+        self._call(self._finish())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        bounded_join(self.thread)
+        self.loop.close()
+
+
+# ---- plain: a blocking socket in a thread (the loopback limit for bulk) ----------------------
+
+
+class _PlainGroup:
+    def __init__(self, script: Script, n: int) -> None:
+        self.socks = [listening_socket() for _ in range(n)]
+        for sock in self.socks:
+            sock.setblocking(True)
+        self.threads = [
+            threading.Thread(target=self._serve_one, args=(sock, script), daemon=True)
+            for sock in self.socks
+        ]
+        for thread in self.threads:
+            thread.start()
+        self.addresses = [sock.getsockname()[:2] for sock in self.socks]
+
+    @staticmethod
+    def _serve_one(listener: socket.socket, script: Script) -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return  # closed before a client came
+        with conn:
+            play_blocking(conn, script)
+
+    def settle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        for thread, sock in zip(self.threads, self.socks, strict=True):
+            if thread.is_alive():
+                _poke(sock.getsockname()[:2])
+            bounded_join(thread)
+            sock.close()
+
+
+def _poke(address: Address) -> None:
+    """Connect and close at once, to release a thread blocked in ``accept``."""
+    with socket.create_connection(address, timeout=WAIT_SECONDS):
+        pass
+
+
+IMPLEMENTATIONS: tuple[Impl, ...] = (
+    Impl("selectserver", _SelectServerGroup),
+    Impl("threads", _ThreadsGroup),
+    Impl("asyncio", _AsyncioGroup),
+    Impl("rawselect", RawGroup),
+)
+BASELINES = ("threads", "asyncio", "rawselect")
+_ALL: dict[str, Impl] = {impl.name: impl for impl in (*IMPLEMENTATIONS, Impl("plain", _PlainGroup))}
+
+
+def by_name(name: str) -> Impl:
+    """The implementation called ``name``."""
+    return _ALL[name]
+
+
+@contextmanager
+def opened(impl: Impl, script: Script, n: int) -> Iterator[Group]:
+    """``impl.open(script, n)``, closed on exit however the block ends."""
+    group = impl.open(script, n)
+    try:
+        yield group
+    finally:
+        group.close()

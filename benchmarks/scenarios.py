@@ -1,0 +1,345 @@
+"""The scenarios: each runs one implementation once and returns its measurements.
+
+A scenario function takes the implementation and a :class:`Context` (the client process and the
+sizes of this run) and returns ``{metric: value}``. Scenarios check every reply, so a broken
+server fails the run instead of posting a fast time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .clients import ClientProcess, exchange
+from .impls import BASELINES, Impl, Script, opened
+from .system import PeakSampler, open_fds, os_threads, release_memory, rss, settled_threads
+
+__all__ = ["SCENARIOS", "Context", "Metric", "Scenario", "Sizes", "Target"]
+
+HELLO: Script = (1, b"hello")
+MB = 1_000_000
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big one run is; ``QUICK`` is the smoke run."""
+
+    reps: int = 5
+    heavy_reps: int = 3  # manyconns, idle, spinup N=1000
+    spinup_counts: tuple[int, ...] = (1, 100, 1000)
+    spinup_cycles_for_one: int = 20  # N=1 repeats this many times per sample (median counts)
+    connrate_sequential: int = 1000
+    connrate_concurrent: int = 2000
+    connrate_concurrency: int = 50
+    pingpong_steps: int = 1000
+    pingpong_rounds: int = 3  # connections per sample (the median counts), each a full script
+    bulk_bytes: int = 64 * MiB
+    many_servers: int = 1000
+    many_clients_each: int = 5
+    idle_servers: int = 1000
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    reps=1,
+    heavy_reps=1,
+    spinup_cycles_for_one=5,
+    connrate_sequential=200,
+    connrate_concurrent=400,
+    bulk_bytes=16 * MiB,
+    many_servers=200,
+)
+
+
+@dataclass
+class Context:
+    """What every scenario run gets."""
+
+    clients: ClientProcess
+    sizes: Sizes
+    _payloads: dict[int, bytes] = field(default_factory=dict)
+
+    def payload(self, size: int) -> bytes:
+        """``size`` bytes, made once per run and shared by every implementation."""
+        return self._payloads.setdefault(size, b"\xa5" * size)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One measured quantity of a scenario."""
+
+    name: str
+    unit: str
+    higher_is_better: bool
+
+
+@dataclass(frozen=True)
+class Target:
+    """A pass/fail check on selectserver's figure: ``ratio`` to ``baseline`` or an exact value.
+
+    With a baseline, the check is ``selectserver / baseline <= limit`` (``>=`` when ``at_least``).
+    Without one, the selectserver median must equal ``limit``.
+    """
+
+    metric: str
+    limit: float
+    baseline: str | None = None
+    at_least: bool = False
+
+    def describe(self) -> str:
+        """The target in words, e.g. ``>= 0.8x rawselect``."""
+        if self.baseline is None:
+            return f"== {self.limit:g}"
+        return f"{'>=' if self.at_least else '<='} {self.limit:g}x {self.baseline}"
+
+    def passes(self, value: float, baselines: dict[str, float]) -> bool | None:
+        """Whether ``value`` meets the target (None if the baseline was not measured)."""
+        if self.baseline is None:
+            return value == self.limit
+        base = baselines.get(self.baseline)
+        if not base:
+            return None
+        ratio = value / base
+        return ratio >= self.limit if self.at_least else ratio <= self.limit
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named measurement, run once per implementation per repetition."""
+
+    key: str
+    run: Callable[[Impl, Context], dict[str, float]]
+    metrics: tuple[Metric, ...]
+    reps: Callable[[Sizes], int]
+    impls: tuple[str, ...] = ("selectserver", *BASELINES)
+    targets: tuple[Target, ...] = ()
+    title: str = ""
+
+    @property
+    def label(self) -> str:
+        """How the table names the scenario."""
+        return self.title or self.key
+
+
+# ---- spinup ---------------------------------------------------------------------------------
+
+
+def _spinup(n: int) -> Callable[[Impl, Context], dict[str, float]]:
+    def run(impl: Impl, context: Context) -> dict[str, float]:
+        cycles = context.sizes.spinup_cycles_for_one if n == 1 else 1
+        threads0, fds0 = settled_threads(), open_fds()
+        threads_added = fds_added = 0
+        times = []
+        for cycle in range(cycles):
+            start = time.perf_counter()
+            with opened(impl, HELLO, n) as group:
+                for address in group.addresses:
+                    exchange(address, b"x", b"hello")
+                if cycle == 0:
+                    threads_added, fds_added = os_threads() - threads0, open_fds() - fds0
+            times.append(time.perf_counter() - start)
+        return {
+            "time": statistics.median(times) / n * 1e6,
+            "threads": threads_added,
+            "fds": fds_added,
+            "fds left": open_fds() - fds0,
+        }
+
+    return run
+
+
+def _spinup_scenario(n: int) -> Scenario:
+    targets = [Target("time", 1.5, "rawselect")]
+    if n >= 1000:
+        targets.append(Target("threads", 1))
+    return Scenario(
+        f"spinup{n}",
+        _spinup(n),
+        (
+            Metric("time", "µs/server", False),
+            Metric("threads", "threads added", False),
+            Metric("fds", "fds added", False),
+            Metric("fds left", "fds left after close", False),
+        ),
+        (lambda sizes: sizes.heavy_reps) if n >= 1000 else (lambda sizes: sizes.reps),
+        targets=tuple(targets),
+        title=f"spinup N={n}",
+    )
+
+
+# ---- connrate, pingpong, bulk ---------------------------------------------------------------
+
+
+def _connrate(impl: Impl, context: Context) -> dict[str, float]:
+    sizes = context.sizes
+    with opened(impl, HELLO, 1) as group:
+        group.settle()
+        address = group.addresses[0]
+        sequential = context.clients.run(
+            "sequential",
+            address=address,
+            count=sizes.connrate_sequential,
+            request=b"x",
+            expect=b"hello",
+        ).require(sizes.connrate_sequential)
+        concurrent = context.clients.run(
+            "concurrent",
+            targets=[address] * sizes.connrate_concurrent,
+            concurrency=sizes.connrate_concurrency,
+            request=b"x",
+            expect=b"hello",
+        ).require(sizes.connrate_concurrent)
+    return {
+        "sequential": sizes.connrate_sequential / sequential.elapsed,
+        "concurrent": sizes.connrate_concurrent / concurrent.elapsed,
+    }
+
+
+def _pingpong(impl: Impl, context: Context) -> dict[str, float]:
+    steps, rounds = context.sizes.pingpong_steps, context.sizes.pingpong_rounds
+    times = []
+    with opened(impl, (1, b"y") * steps, 1) as group:
+        group.settle()
+        for _ in range(rounds):
+            result = context.clients.run("pingpong", address=group.addresses[0], steps=steps)
+            times.append(result.require(steps).elapsed)
+    return {"round trip": statistics.median(times) / steps * 1e6}
+
+
+def _bulk(impl: Impl, context: Context) -> dict[str, float]:
+    size = context.sizes.bulk_bytes
+    with opened(impl, (1, context.payload(size)), 1) as group:
+        group.settle()
+        result = context.clients.run("bulk_read", address=group.addresses[0], size=size)
+    return {"throughput": size / result.require(1).elapsed / MB}
+
+
+def _bulk_in(impl: Impl, context: Context) -> dict[str, float]:
+    size = context.sizes.bulk_bytes
+    with opened(impl, (size, b"ok"), 1) as group:
+        group.settle()
+        result = context.clients.run(
+            "bulk_write", address=group.addresses[0], size=size, expect=b"ok"
+        )
+    return {"throughput": size / result.require(1).elapsed / MB}
+
+
+# ---- manyconns, idle memory -------------------------------------------------------------------
+
+
+def _manyconns(impl: Impl, context: Context) -> dict[str, float]:
+    sizes = context.sizes
+    release_memory()
+    threads0, rss0 = settled_threads(), rss()
+    with PeakSampler() as peak:
+        start = time.perf_counter()
+        with opened(impl, HELLO, sizes.many_servers) as group:
+            targets = group.addresses * sizes.many_clients_each
+            context.clients.run(
+                "concurrent",
+                targets=targets,
+                concurrency=len(targets),
+                request=b"x",
+                expect=b"hello",
+            ).require(len(targets))
+        elapsed = time.perf_counter() - start
+    return {
+        "wall": elapsed,
+        "threads": peak.peak_threads - threads0,
+        "rss": (peak.peak_rss - rss0) / MiB,
+    }
+
+
+def _idle(impl: Impl, context: Context) -> dict[str, float]:
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.memory",
+        impl.name,
+        str(context.sizes.idle_servers),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr}")
+    values: dict[str, float] = json.loads(done.stdout)
+    return values
+
+
+def _heavy(sizes: Sizes) -> int:
+    return sizes.heavy_reps
+
+
+def _normal(sizes: Sizes) -> int:
+    return sizes.reps
+
+
+_THROUGHPUT = (Metric("throughput", "MB/s", True),)
+
+SCENARIOS: dict[str, Scenario] = {
+    scenario.key: scenario
+    for scenario in (
+        *(_spinup_scenario(n) for n in FULL.spinup_counts),
+        Scenario(
+            "connrate",
+            _connrate,
+            (
+                Metric("sequential", "conn/s sequential", True),
+                Metric("concurrent", "conn/s concurrent", True),
+            ),
+            _normal,
+            targets=(
+                Target("sequential", 0.8, "rawselect", at_least=True),
+                Target("concurrent", 0.8, "rawselect", at_least=True),
+            ),
+        ),
+        Scenario(
+            "pingpong",
+            _pingpong,
+            (Metric("round trip", "µs/round trip", False),),
+            _normal,
+            targets=(Target("round trip", 1.25, "rawselect"),),
+        ),
+        Scenario(
+            "bulk",
+            _bulk,
+            _THROUGHPUT,
+            _normal,
+            impls=("selectserver", *BASELINES, "plain"),
+            targets=(Target("throughput", 0.8, "rawselect", at_least=True),),
+        ),
+        Scenario(
+            "bulk-in",
+            _bulk_in,
+            _THROUGHPUT,
+            _normal,
+            impls=("selectserver", *BASELINES, "plain"),
+        ),
+        Scenario(
+            "manyconns",
+            _manyconns,
+            (
+                Metric("wall", "s wall", False),
+                Metric("threads", "peak threads added", False),
+                Metric("rss", "MiB peak RSS added", False),
+            ),
+            _heavy,
+            targets=(Target("threads", 1),),
+        ),
+        Scenario(
+            "idle",
+            _idle,
+            (
+                Metric("rss", "KiB RSS/server", False),
+                Metric("traced", "KiB traced/server", False),
+            ),
+            _heavy,
+            targets=(Target("rss", 1.0, "asyncio"), Target("traced", 1.0, "asyncio")),
+        ),
+    )
+}
