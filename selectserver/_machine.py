@@ -337,7 +337,7 @@ class StepMachine:
             if isinstance(step, SendStep):
                 if not step.data:
                     continue
-                self._rest = step.data
+                self._rest = memoryview(step.data)  # slices of it are sent: no copies
                 self._rng = random.Random(step.seed) if step.jitter else None
                 self._send_slice(now)
                 return

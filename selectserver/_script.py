@@ -9,7 +9,7 @@ Every user step compiles to one of five shapes, so the step machine has one path
 
 * :class:`ReadStep`: read until a condition on this step's bytes holds (``RECEIVE``, ``int``,
   :class:`ReadUntil`, :class:`Expect`);
-* :class:`SendStep`: send this view, maybe in timed slices (``str``/``bytes``, :class:`Drip`,
+* :class:`SendStep`: send this buffer, maybe in timed slices (``str``/``bytes``, :class:`Drip`,
   :class:`Garbage`);
 * :class:`Delay` (a pause) and :class:`Throttle` (a cap on later sends), used as they are;
 * a :class:`Command` (``HANGUP``, ``RESET``, ``HALF_CLOSE``, ``STALL``).
@@ -288,7 +288,7 @@ class SendStep:
     """Send ``data``: whole (``chunk`` None) or in ``chunk``-byte slices ``interval`` apart."""
 
     label: str
-    data: memoryview
+    data: bytes | bytearray | memoryview  # the caller's buffer, never copied
     chunk: int | None = None
     interval: float = 0.0
     jitter: float = 0.0
@@ -320,14 +320,15 @@ def _compile_step(value: object) -> Step:
             raise ValueError("an int step reads at least that many bytes, so it must be > 0")
         return ReadStep(str(value), min_bytes=value)
     if isinstance(value, str):
-        return SendStep(_label(value), memoryview(value.encode("utf-8")))
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        view = memoryview(value)
-        if not view.c_contiguous:
-            view = memoryview(view.tobytes())  # socket.send() needs a contiguous buffer
-        elif view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        return SendStep(_label(value), view)
+        return SendStep(_label(value), value.encode("utf-8"))
+    if isinstance(value, (bytes, bytearray)):
+        return SendStep(_label(value), value)
+    if isinstance(value, memoryview):
+        if not value.c_contiguous:
+            return SendStep(_label(value), value.tobytes())  # socket.send() needs contiguity
+        if value.format != "B" or value.ndim != 1:
+            value = value.cast("B")
+        return SendStep(_label(value), value)
     if isinstance(value, ReadUntil):
         return ReadStep(_label(value), delimiter=value.delimiter)
     if isinstance(value, Expect):
@@ -335,14 +336,14 @@ def _compile_step(value: object) -> Step:
     if isinstance(value, Drip):
         return SendStep(
             _label(value),
-            memoryview(value.data),
+            value.data,
             value.chunk,
             value.interval,
             value.jitter,
             value.seed,
         )
     if isinstance(value, Garbage):
-        return SendStep(_label(value), memoryview(value.data))
+        return SendStep(_label(value), value.data)
     if isinstance(value, (Delay, Throttle, StartTLS)):
         return value
     raise TypeError(_EXPECTED)
@@ -358,7 +359,7 @@ def _expand(step: Step) -> tuple[Step, ...]:
     if step.fail == "reset":
         return (read_hello, Command.RESET)
     garbage = Garbage(64)
-    return (read_hello, SendStep(_label(garbage), memoryview(garbage.data)), Command.HANGUP)
+    return (read_hello, SendStep(_label(garbage), garbage.data), Command.HANGUP)
 
 
 def compile_script(
