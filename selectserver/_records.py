@@ -163,6 +163,17 @@ def _format_peer(peer: object) -> str:
 class ServerLog:
     """Everything one server saw: its connections, received bytes and failures."""
 
+    __slots__ = (
+        "_condition",
+        "_ended",
+        "_extra_on_end",
+        "_extra_on_received",
+        "connections",
+        "failures",
+        "max_receive",
+        "received",
+    )
+
     def __init__(
         self,
         max_receive: int = DEFAULT_MAX_RECEIVE,
@@ -173,7 +184,7 @@ class ServerLog:
         self.received: list[bytes] = []
         self.connections: list[ConnectionRecord] = []
         self.failures: list[str] = []
-        self._ended: list[ConnectionRecord] = []
+        self._ended = 0  # how many connections have ended
         # Made by the first waiter: most servers are never waited on, and a Condition is
         # a third of an idle server's memory and a Python-level notify per connection.
         self._condition: threading.Condition | None = None
@@ -219,7 +230,7 @@ class ServerLog:
             self._extra_on_received(data)
 
     def _end(self, record: ConnectionRecord) -> None:
-        self._ended.append(record)
+        self._ended += 1
         self._wake()
         if self._extra_on_end is not None:
             self._extra_on_end(record)
@@ -234,13 +245,15 @@ class ServerLog:
             raise ValueError(f"wait_for_connections: n must be an int >= 0, got {n!r}")
         condition = self._waitable()
         with condition:
-            if not condition.wait_for(lambda: len(self._ended) >= n, timeout):
+            if not condition.wait_for(lambda: self._ended >= n, timeout):
                 raise TimeoutError(self._describe_wait(n, timeout))
-            return sorted(self._ended[:n], key=lambda record: record.index)
+        ended = [record for record in list(self.connections) if record.ended_at is not None]
+        first = sorted(ended, key=lambda record: (record.ended_at, record.index))[:n]
+        return sorted(first, key=lambda record: record.index)
 
     def _describe_wait(self, n: int, timeout: float | None) -> str:
         lines = [
-            f"{len(self._ended)} of {n} connections ended within {timeout} s "
+            f"{self._ended} of {n} connections ended within {timeout} s "
             f"({len(self.connections)} accepted)"
         ]
         lines += [

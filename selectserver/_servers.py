@@ -44,6 +44,8 @@ __all__ = [
 #: Seconds a receive or send step waits for the peer before the connection times out.
 DEFAULT_TIMEOUT = 30.0
 
+_CLOSE_LOCK = threading.Lock()  # guards each server's first close (rare: one lock serves all)
+
 
 def _bind(
     host: str, port: int, *, listen: bool, backlog: int = socket.SOMAXCONN, reuse: bool = True
@@ -135,8 +137,13 @@ def _compile_scripts(
 class _Endpoint:
     """What every fake server shares: an address, and a context manager that closes it."""
 
-    _sock_name: object  # (host, port, ...) for TCP; the path for a Unix-domain socket
-    _scheme = "http"
+    # Slots keep a thousand idle servers small; a user's subclass still gets a __dict__.
+    __slots__ = ("_sock_name",)
+
+    _sock_name: object  # (host, port) for TCP; the path for a Unix-domain socket
+
+    def _scheme(self) -> str:
+        return "http"
 
     @property
     def path(self) -> str | bytes | None:
@@ -176,9 +183,9 @@ class _Endpoint:
         """
         path = self.path
         if path is None:
-            return f"{self._scheme}://{format_address(self._tcp_name())}"
+            return f"{self._scheme()}://{format_address(self._tcp_name())}"
         text = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
-        return f"{self._scheme}+unix://{urllib.parse.quote(text, safe='')}"
+        return f"{self._scheme()}+unix://{urllib.parse.quote(text, safe='')}"
 
     def close(self) -> None:  # pragma: no cover - every subclass has its own
         raise NotImplementedError
@@ -264,8 +271,6 @@ class CommandServer(_Endpoint):
         # A Unix socket keeps the path as the caller gave it: getsockname() would return an
         # abstract name as bytes and a bytes path as str.
         self._sock_name = sock.getsockname()[:2] if path is None else path
-        if self._tls is not None:
-            self._scheme = "https"
         self._listener = Listener(
             sock,
             compiled,
@@ -275,7 +280,6 @@ class CommandServer(_Endpoint):
             max_connections=max_connections,
             tls_context=None if self._tls is None else self._tls.context,
         )
-        self._close_lock = threading.Lock()
         self._closing = False
         if reactor is None:
             self._reactor: Reactor = attach(self._listener)
@@ -285,8 +289,13 @@ class CommandServer(_Endpoint):
             self._listener.close(0.0)
             raise RuntimeError(f"{reactor!r} is closed")
 
+    __slots__ = ("_closing", "_listener", "_log", "_reactor", "_tls")
+
     def _make_log(self, max_receive: int) -> ServerLog:
         return ServerLog(max_receive)
+
+    def _scheme(self) -> str:
+        return "http" if self._tls is None else "https"
 
     @property
     def ca_path(self) -> str | None:
@@ -342,7 +351,7 @@ class CommandServer(_Endpoint):
         Returns once the reactor has closed the listening socket and every connection.
         Raises ``RuntimeError`` if the reactor thread itself failed (the error is chained).
         """
-        with self._close_lock:
+        with _CLOSE_LOCK:
             first = not self._closing
             self._closing = True
             if first:
@@ -386,6 +395,8 @@ class OneShotServer(CommandServer):
     It takes CommandServer's arguments, except ``max_connections``, which is 1.
     """
 
+    __slots__ = ()
+
     def __init__(
         self,
         commands: object = None,
@@ -411,6 +422,8 @@ class AsyncioCommandServer(CommandServer):
         reader: the StreamReader to feed; if None, a new one (``server.reader``).
         Other arguments are CommandServer's.
     """
+
+    __slots__ = ("_eof_fed", "loop", "reader")
 
     def __init__(
         self,
@@ -470,6 +483,8 @@ class AsyncioCommandServer(CommandServer):
 class _HeldPort(_Endpoint):
     """A bound port that is never served."""
 
+    __slots__ = ("_extra", "_sock")
+
     def __init__(self, host: str, port: int, *, listen: bool) -> None:
         # No SO_REUSEADDR: on Linux two sockets that both set it may share a port while neither
         # listens, so a held port must not set it, or any server could take the port.
@@ -496,6 +511,8 @@ class RefusingServer(_HeldPort):
     SYN retries (about 2 s).
     """
 
+    __slots__ = ()
+
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__(host, port, listen=False)
 
@@ -509,6 +526,8 @@ class BlackholeServer(_HeldPort):
     macOS behaves the same; on Windows a full backlog answers with RST, so clients see
     ``ConnectionRefusedError`` instead.
     """
+
+    __slots__ = ()
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, fill: int = 8) -> None:
         super().__init__(host, port, listen=True)
