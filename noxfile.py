@@ -43,3 +43,11 @@ def bench(session: nox.Session) -> None:
     """Benchmark selectserver against threads/asyncio/rawselect (posargs: --quick, --markdown F)."""
     install(session)
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """Long Hypothesis campaigns in fuzz/ (posargs: the time budget in seconds, default 600)."""
+    install(session, "test")
+    seconds = session.posargs[0] if session.posargs else "600"
+    session.run("python", "-m", "pytest", "fuzz", "-q", env={"SELECTSERVER_FUZZ_SECONDS": seconds})

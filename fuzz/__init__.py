@@ -1,0 +1,1 @@
+"""Long fuzz campaigns (``nox -s fuzz -- <seconds>``); see conftest.py."""
