@@ -44,9 +44,8 @@ def test_factory_starts_servers_and_closes_them_after_the_test(
 
         def test_they_are_closed_now():
             assert len(made) == 3
-            for server in made:
-                with socket.socket() as sock:
-                    assert sock.connect_ex(server.address) != 0
+            for server in made:  # the port itself may already serve another process
+                assert "closed" in repr(server)
         """
     )
     user_project.runpytest(*NO_ENTRY_POINT).assert_outcomes(passed=2)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from _hypothesis_profiles import SETTINGS
+from conftest import assert_refused
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -145,8 +146,8 @@ class ReactorMachine(RuleBasedStateMachine):
             assert read_exactly(sock, len(REPLY)) == REPLY
 
     def assert_refused(self, server: Server) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            assert sock.connect_ex(server.server.address) != 0
+        # Not a bare connect: another process (an xdist worker) may take the freed port at once.
+        assert_refused(server.server.address)
 
     # ---- clients ----------------------------------------------------------------------------
 
