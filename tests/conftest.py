@@ -119,11 +119,12 @@ def assert_refused(address: tuple[str, int]) -> None:
     free ephemeral port can, rarely, connect to itself (TCP simultaneous open); neither is a
     failure of the server under test.
     """
-    listeners = _listening_inodes(address[1])
-    assert not {f"socket:[{inode}]" for inode in listeners} & _fd_targets(), (
-        f"still listening: {address}"
-    )
-    if listeners:
+    def others_listen() -> bool:
+        listeners = {f"socket:[{inode}]" for inode in _listening_inodes(address[1])}
+        assert not listeners & _fd_targets(), f"still listening: {address}"
+        return bool(listeners)
+
+    if others_listen():
         return  # another process listens on the freed port now
     for _ in range(3):
         with socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET) as sock:
@@ -132,5 +133,7 @@ def assert_refused(address: tuple[str, int]) -> None:
                 sock.connect(address)
             except ConnectionRefusedError:
                 return
+            if sock.getsockname() != sock.getpeername() and others_listen():
+                return  # taken by another process between the look and the connect
             assert sock.getsockname() == sock.getpeername(), f"{address} accepted a connect"
     raise AssertionError(f"connects to {address} kept connecting to themselves")
