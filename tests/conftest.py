@@ -119,6 +119,7 @@ def assert_refused(address: tuple[str, int]) -> None:
     free ephemeral port can, rarely, connect to itself (TCP simultaneous open); neither is a
     failure of the server under test.
     """
+
     def others_listen() -> bool:
         listeners = {f"socket:[{inode}]" for inode in _listening_inodes(address[1])}
         assert not listeners & _fd_targets(), f"still listening: {address}"
