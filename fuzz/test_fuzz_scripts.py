@@ -60,7 +60,7 @@ def test_fuzz_state_machine(campaign: Campaign) -> None:
             campaign.tick()
 
     campaign.run(
-        lambda: run_state_machine_as_test(  # type: ignore[no-untyped-call]
+        lambda: run_state_machine_as_test(  # type: ignore[no-untyped-call, unused-ignore]
             Counted, settings=settings(FUZZ, max_examples=20, stateful_step_count=100)
         )
     )
