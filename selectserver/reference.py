@@ -74,9 +74,10 @@ __all__ = [
 #: ``step`` (as written in the script) at ``index``, or None for the seeded default.
 Payload = Callable[[int, object], Union[bytes, None]]
 
-#: A sync callable: ``sync(sock, n)`` returns once the server has completed ``n`` receive steps
-#: on the connection of the client socket ``sock`` (or that connection has ended).
-Sync = Callable[[socket.socket, int], None]
+#: A sync callable: ``sync(sock, n, since)`` returns once the server has completed ``n`` receive
+#: steps on the connection of the client socket ``sock`` (or that connection has ended);
+#: ``since`` is ``time.monotonic()`` just before the client connected.
+Sync = Callable[[socket.socket, int, float], None]
 
 #: The seeded default sizes: a RECEIVE payload, and the bytes before a delimiter or literal.
 RECEIVE_SIZES = (1, 32)
@@ -147,6 +148,7 @@ class _Eof:
 @dataclass(frozen=True, slots=True)
 class _Plan:
     moves: tuple[_Feed | _Read | _Eof, ...]
+    received: bytes  # every send step's bytes, joined
     ending: Ending
     outcome: Outcome
 
@@ -255,6 +257,7 @@ def _plan(script: object, data_for: _DataFor) -> _Plan:
     user = _user_steps(script)
     compiled = compile_script(user)
     moves: list[_Feed | _Read | _Eof] = []
+    sends: list[bytes] = []
     fed = 0
     unconfirmed = False  # the last fed step was a count step the wire has not shown complete
     ending, outcome = Ending.EOF, Outcome.COMPLETED
@@ -264,6 +267,7 @@ def _plan(script: object, data_for: _DataFor) -> _Plan:
             fed += 1
             unconfirmed = bool(step.min_bytes)
         elif isinstance(step, SendStep) and step.data:
+            sends.append(bytes(step.data))
             if moves and isinstance(moves[-1], _Read):
                 moves[-1] = _Read(moves[-1].size + len(step.data))
             else:
@@ -278,7 +282,7 @@ def _plan(script: object, data_for: _DataFor) -> _Plan:
             ending, outcome = Ending.RESET, Outcome.RESET
         elif step is Command.STALL:
             ending, outcome = Ending.CLIENT_CLOSED, Outcome.PEER_CLOSED
-    return _Plan(tuple(moves), ending, outcome)
+    return _Plan(tuple(moves), b"".join(sends), ending, outcome)
 
 
 def expected_transcript(
@@ -295,10 +299,8 @@ def expected_transcript(
             which ``payload`` gives no bytes; a payload that does not complete its step exactly.
     """
     plan = _plan(script, _data_for(seed, payload))
-    steps = compile_script(_user_steps(script))
-    received = b"".join(bytes(step.data) for step in steps if isinstance(step, SendStep))
     sent = tuple(move.data for move in plan.moves if isinstance(move, _Feed))
-    return Transcript(sent, received, plan.ending)
+    return Transcript(sent, plan.received, plan.ending)
 
 
 def expected_outcome(script: object) -> Outcome:
@@ -332,6 +334,8 @@ class _Record(Protocol):
     @property
     def peer(self) -> object: ...
     @property
+    def accepted_at(self) -> float: ...
+    @property
     def received(self) -> list[bytes]: ...
     @property
     def ended(self) -> bool: ...
@@ -340,25 +344,24 @@ class _Record(Protocol):
 def server_sync(server: _Connections, *, timeout: float = 5.0) -> Sync:
     """A ``sync`` for :func:`play` that watches ``server``'s records (a CommandServer).
 
-    It finds the record whose peer is the client socket's address and waits, polling every few
-    milliseconds for at most ``timeout`` seconds, until that connection has completed the
-    asked number of receive steps or has ended.
+    It finds the record whose peer is the client socket's address, accepted after the client
+    began to connect (loopback reuses ports at once), and waits, polling every few milliseconds
+    for at most ``timeout`` seconds, until that connection has completed the asked number of
+    receive steps or has ended.
 
     Raises (from the returned callable):
         TimeoutError: the connection did not get there within ``timeout`` seconds.
     """
 
-    def sync(sock: socket.socket, steps: int) -> None:
+    def sync(sock: socket.socket, steps: int, since: float) -> None:
         me = sock.getsockname()[:2]
         deadline = time.monotonic() + timeout
         pause = 0.0005
         record: _Record | None = None
         while True:
             if record is None:
-                record = next(
-                    (r for r in server.connections if _address(r.peer) == me),
-                    None,
-                )
+                mine = (r for r in server.connections if r.accepted_at >= since)
+                record = next((r for r in mine if _address(r.peer) == me), None)
             if record is not None and (len(record.received) >= steps or record.ended):
                 return
             if time.monotonic() >= deadline:
@@ -422,6 +425,7 @@ def play(
     with socket.socket(family, kind, proto) as sock:
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        since = time.monotonic()
         try:
             sock.connect(where)
             early = 0
@@ -429,16 +433,23 @@ def play(
             # A connect with a timeout asks SO_ERROR once the socket is writable; a server that
             # resets at once is reported here (and the error is consumed), not by recv().
             early = exc.errno or errno.ECONNRESET
-        return _Player(sock, sync, timeout, quiet, early).run(plan)
+        return _Player(sock, sync, since, timeout, quiet, early).run(plan)
 
 
 class _Player:
     """Carries out a plan on one connected socket (with a timeout set)."""
 
     def __init__(
-        self, sock: socket.socket, sync: Sync | None, timeout: float, quiet: float, early: int
+        self,
+        sock: socket.socket,
+        sync: Sync | None,
+        since: float,
+        timeout: float,
+        quiet: float,
+        early: int,
     ) -> None:
         self.sock = sock
+        self.since = since
         self.early = early  # errno of a reset that connect() reported, or 0
         self.sync = sync
         self.timeout = timeout
@@ -477,7 +488,7 @@ class _Player:
         where = f"sending for script[{move.index}]"
         if move.synced is not None and self.sync is not None:
             try:
-                self.sync(self.sock, move.synced)
+                self.sync(self.sock, move.synced, self.since)
             except TimeoutError as exc:
                 raise _Stop(Ending.TIMED_OUT, f"{where}: {exc}") from None
         try:

@@ -5,7 +5,6 @@ Profiles: see ``_hypothesis_profiles`` (``SELECTSERVER_HYPOTHESIS_PROFILE=dev py
 
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import re
 from collections.abc import Callable
@@ -35,7 +34,6 @@ from selectserver._machine import Done, StepMachine
 from selectserver._records import ConnectionRecord
 from selectserver._script import ReadStep, SendStep
 from selectserver.reference import (
-    Ending,
     Transcript,
     _seeded,
     expected_outcome,
@@ -66,23 +64,15 @@ FLAGS = (
 )
 
 
-#: Core bug (test_reference.py::test_reset_keeps_every_send_before_it): with Nagle on, a RESET
-#: can discard the last small sends before it. Until the fix, such a client sees a prefix.
-NAGLE_BUG = True
-
-
 def check_connection(
     script: list[object], seed: int, transcript: Transcript, record: ConnectionRecord
 ) -> None:
     """Check one connection's two sides against what the script says."""
     expected = expected_transcript(script, seed=seed)
-    assert record.sent == expected.received
-    if NAGLE_BUG and expected.ending is Ending.RESET:
-        assert expected.received.startswith(transcript.received)
-        transcript = dataclasses.replace(transcript, received=expected.received)
+    assert record.sent == expected.received, (record.describe(), transcript)
     assert transcript == expected, transcript.note
-    assert record.received == list(transcript.sent)
-    assert record.outcome is expected_outcome(script)
+    assert record.received == list(transcript.sent), record.describe()
+    assert record.outcome is expected_outcome(script), record.describe()
 
 
 def check_round_trip(script: list[object], seed: int, *, sync: bool = True) -> None:
@@ -167,7 +157,7 @@ def test_seeded_bytes_complete_each_receive_step_exactly(step: object, seed: int
 
 
 @SETTINGS
-@example([b"\x00", RECEIVE, b"\x00", b"\x00", RESET], 0)  # found the Nagle bug (see NAGLE_BUG)
+@example([b"\x00", RECEIVE, b"\x00", b"\x00", RESET], 0)  # found Nagle holding a send back
 @given(scripts(max_steps=8), st.integers(0, 1000))
 def test_reference_client_round_trip(script: list[object], seed: int) -> None:
     """Server and client agree on every step's bytes, the sends and how the connection ended."""
@@ -188,6 +178,10 @@ def serve_and_play(script: list[object], seed: int, clients: int) -> None:
         sync = server_sync(server)
         transcripts = [play(script, server.address, seed=seed, sync=sync) for _ in range(clients)]
         records = server.wait_for_connections(clients)
+    assert len(server.connections) == clients, "\n".join(
+        f"{r.describe()} accepted_at={r.accepted_at} ended_at={r.ended_at} {r.received!r}"
+        for r in server.connections
+    )
     for transcript, record in zip(transcripts, records, strict=True):
         check_connection(script, seed, transcript, record)
     server.check()

@@ -7,6 +7,7 @@ import re
 import select
 import socket
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -283,15 +284,15 @@ def test_reset_reported_by_connect(rest: list[object], error: int) -> None:
         sock.sendall(b"!")
         assert pending_error(sock) == error
         plan = _plan(rest, lambda index, written, step: b"")
-        transcript = _Player(sock, None, 5.0, 0.05, error).run(plan)
+        transcript = _Player(sock, None, 0.0, 5.0, 0.05, error).run(plan)
     assert transcript == expected_transcript(rest)
 
 
 def test_reset_keeps_every_send_before_it() -> None:
-    """Found by test_reference_client_round_trip; when it passes, drop NAGLE_BUG there.
+    """Found by test_reference_client_round_trip, before accepted sockets had TCP_NODELAY.
 
-    The client's delayed ACK leaves b"b" unacknowledged, Nagle holds b"c" back, and the RST
-    (SO_LINGER 0) discards it: the client gets b"ab". TCP_NODELAY on accepted sockets fixes it.
+    The client's delayed ACK left b"b" unacknowledged, Nagle held b"c" back, and the RST
+    (SO_LINGER 0) discarded it: the client got b"ab".
     """
     play_and_check([b"a", RECEIVE, b"b", b"c", RESET])
 
@@ -320,19 +321,34 @@ def test_observable_boundaries_need_no_sync() -> None:
 def test_sync_timeout_ends_the_play() -> None:
     with serve([RECEIVE, RECEIVE, b"never"]) as server:
 
-        def slow_sync(sock: socket.socket, steps: int) -> None:
-            server_sync(server, timeout=0.05)(sock, steps + 5)
+        def slow_sync(sock: socket.socket, steps: int, since: float) -> None:
+            server_sync(server, timeout=0.05)(sock, steps + 5, since)
 
         transcript = play([RECEIVE, RECEIVE, b"never"], server.address, sync=slow_sync)
     assert transcript.ending is Ending.TIMED_OUT
     assert "did not complete 6 receive steps: 1 done" in transcript.note
 
 
+def test_server_sync_ignores_an_older_connection_from_the_same_port() -> None:
+    """Loopback reuses a closed client's port at once: only a record accepted since counts."""
+    with socket.socket() as client:
+        client.bind(("127.0.0.1", 0))
+        peer = client.getsockname()
+        old = SimpleNamespace(peer=peer, accepted_at=1.0, received=[b"x"] * 5, ended=True)
+        server = SimpleNamespace(connections=[old])
+        with pytest.raises(TimeoutError, match="never accepted"):
+            server_sync(server, timeout=0.01)(client, 1, 2.0)
+        server.connections.append(
+            SimpleNamespace(peer=peer, accepted_at=2.5, received=[b"y"], ended=False)
+        )
+        server_sync(server, timeout=0.01)(client, 1, 2.0)
+
+
 def test_server_sync_names_an_unknown_connection() -> None:
     with serve([RECEIVE]) as server, socket.socket() as stranger:
         stranger.bind(("127.0.0.1", 0))
         with pytest.raises(TimeoutError, match="never accepted"):
-            server_sync(server, timeout=0.01)(stranger, 1)
+            server_sync(server, timeout=0.01)(stranger, 1, 0.0)
 
 
 def test_plays_over_ipv6() -> None:
