@@ -155,6 +155,36 @@ def test_fixture_works_under_xdist(user_project: pytest.Pytester) -> None:
     result.assert_outcomes(passed=8)
 
 
+#: The README's "Fuzz your client" example, as a user's test module.
+FUZZ_YOUR_CLIENT = """
+import requests
+from hypothesis import HealthCheck, given, settings
+
+from selectserver.strategies import http_responses
+
+
+FIXTURE_IN_GIVEN = [HealthCheck.function_scoped_fixture]  # fine: a factory, not per-example state
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=FIXTURE_IN_GIVEN)
+@given(response=http_responses())
+def test_client_never_hangs_or_corrupts(command_server, response):
+    server = command_server(response.script, verbose=False, timeout=5)
+    try:
+        reply = requests.get(server.url, timeout=5)
+    except requests.RequestException:
+        assert response.kind != "valid"  # only a broken response may fail the request
+    else:
+        if response.kind == "valid":
+            assert (reply.status_code, reply.content) == (response.status, response.body)
+"""
+
+
+def test_fuzz_your_client_example(user_project: pytest.Pytester) -> None:
+    user_project.makepyfile(FUZZ_YOUR_CLIENT)
+    user_project.runpytest(*NO_ENTRY_POINT).assert_outcomes(passed=1)
+
+
 def test_importing_the_plugin_starts_nothing() -> None:
     """No reactor thread and no Hypothesis, as pytest imports the plugin in every session."""
     code = (
