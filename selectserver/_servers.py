@@ -11,6 +11,7 @@ of connect errors and connect timeouts. They need no reactor.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import errno
 import math
@@ -134,7 +135,7 @@ def _compile_scripts(
     )
 
 
-class _Endpoint:
+class _Endpoint(abc.ABC):
     """What every fake server shares: an address, and a context manager that closes it."""
 
     # Slots keep a thousand idle servers small; a user's subclass still gets a __dict__.
@@ -187,8 +188,9 @@ class _Endpoint:
         text = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
         return f"{self._scheme()}+unix://{urllib.parse.quote(text, safe='')}"
 
-    def close(self) -> None:  # pragma: no cover - every subclass has its own
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the address."""
 
     def stop(self) -> None:
         """The same as :meth:`close` (the seed library's name)."""
