@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 
 __all__ = ["BUDGET", "FUZZ", "Campaign"]
 
-# The campaigns reuse the checks of tests/ (check_round_trip, the state machine, profiles).
+# The campaigns reuse tests/: its checks (_checks.py) and the reactor state machine.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 settings.register_profile(

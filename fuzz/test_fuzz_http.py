@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import urllib3
+from _checks import CLIENT_ERRORS, check_round_trip, fetch, outcome
 from hypothesis import given
-from test_properties import CLIENT_ERRORS, check_round_trip, fetch, outcome
 
 from selectserver import CommandServer
 from selectserver.strategies import HTTPResponseScript, http_responses

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from _checks import check_round_trip, serve_and_play
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import run_state_machine_as_test
-from test_properties import check_round_trip, serve_and_play
 from test_stateful import ReactorMachine
 
 from selectserver.strategies import scripts

@@ -113,12 +113,15 @@ class Transcript:
         received: every byte the client received.
         ending: how the connection ended.
         note: what went wrong, in words, if anything did (not compared).
+        local_address: the client socket's address, which the server's record of the
+            connection has as its ``peer`` (not compared; None in an expected transcript).
     """
 
     sent: tuple[bytes, ...]
     received: bytes
     ending: Ending
     note: str = field(default="", compare=False)
+    local_address: object = field(default=None, compare=False)
 
 
 # ---- the plan: what the client does, computed once from the script --------------------------
@@ -474,7 +477,8 @@ class _Player:
                 self._end_of_stream(plan.ending, "at the end of the script")
         except _Stop as stop:
             ending, note = stop.ending, stop.note
-        return Transcript(tuple(self.sent), bytes(self.received), ending, note)
+        local = self.sock.getsockname()
+        return Transcript(tuple(self.sent), bytes(self.received), ending, note, local)
 
     def _stop(self, exc: OSError, where: str) -> _Stop:
         """The :class:`_Stop` for a timeout or reset; other errors propagate."""

@@ -5,13 +5,12 @@ Profiles: see ``_hypothesis_profiles`` (``SELECTSERVER_HYPOTHESIS_PROFILE=dev py
 
 from __future__ import annotations
 
-import http.client
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 import pytest
+from _checks import check_round_trip, fetch, serve_and_play
 from _hypothesis_profiles import SETTINGS
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -33,15 +32,7 @@ from selectserver import (
 from selectserver._machine import Done, StepMachine
 from selectserver._records import ConnectionRecord
 from selectserver._script import ReadStep, SendStep
-from selectserver.reference import (
-    Transcript,
-    _seeded,
-    expected_outcome,
-    expected_transcript,
-    needs_sync,
-    play,
-    server_sync,
-)
+from selectserver.reference import _seeded, expected_outcome, needs_sync
 from selectserver.strategies import (
     HTTPResponseScript,
     http_responses,
@@ -50,8 +41,6 @@ from selectserver.strategies import (
     scripts,
     send_steps,
 )
-
-T = TypeVar("T")
 
 FLAGS = (
     "allow_hangup",
@@ -62,27 +51,6 @@ FLAGS = (
     "allow_throttle",
     "allow_drip",
 )
-
-
-def check_connection(
-    script: list[object], seed: int, transcript: Transcript, record: ConnectionRecord
-) -> None:
-    """Check one connection's two sides against what the script says."""
-    expected = expected_transcript(script, seed=seed)
-    assert record.sent == expected.received, (record.describe(), transcript)
-    assert transcript == expected, transcript.note
-    assert record.received == list(transcript.sent), record.describe()
-    assert record.outcome is expected_outcome(script), record.describe()
-
-
-def check_round_trip(script: list[object], seed: int, *, sync: bool = True) -> None:
-    """Serve ``script``, play it, and check both sides against what the script says."""
-    with CommandServer(script, verbose=False, timeout=5.0) as server:
-        syncing = server_sync(server) if sync else None
-        transcript = play(script, server.address, seed=seed, sync=syncing)
-        (record,) = server.wait_for_connections(1)
-    check_connection(script, seed, transcript, record)
-    server.check()
 
 
 # ---- the strategies themselves -----------------------------------------------------------------
@@ -172,21 +140,6 @@ def test_round_trip_without_sync_where_the_wire_shows_each_boundary(
     check_round_trip(script, seed, sync=False)
 
 
-def serve_and_play(script: list[object], seed: int, clients: int) -> None:
-    """One server, ``clients`` clients in turn: each connection's record matches its client."""
-    with CommandServer(script, verbose=False, timeout=5.0) as server:
-        sync = server_sync(server)
-        transcripts = [play(script, server.address, seed=seed, sync=sync) for _ in range(clients)]
-        records = server.wait_for_connections(clients)
-    assert len(server.connections) == clients, "\n".join(
-        f"{r.describe()} accepted_at={r.accepted_at} ended_at={r.ended_at} {r.received!r}"
-        for r in server.connections
-    )
-    for transcript, record in zip(transcripts, records, strict=True):
-        check_connection(script, seed, transcript, record)
-    server.check()
-
-
 @SETTINGS
 @given(st.lists(scripts(max_steps=5), min_size=2, max_size=4), st.integers(1, 2))
 def test_clients_on_several_servers_at_once_do_not_interfere(
@@ -214,45 +167,10 @@ def test_http_responses_round_trip(response: HTTPResponseScript) -> None:
     check_round_trip(script, 0)
 
 
-#: Found by the test below (and fuzz/): http.client raises OverflowError on these.
+#: Found by the test below (and fuzz/): http.client raises OverflowError on these
+#: (``_checks.CLIENT_ERRORS`` allows it).
 HUGE_LENGTH = b"HTTP/1.0 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n"
 HUGE_CHUNK = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\n"
-
-
-#: What a client may raise on a bad response: its own errors, socket errors, and OverflowError,
-#: which http.client lets escape on a huge Content-Length or chunk size (found by the test below).
-CLIENT_ERRORS: tuple[type[Exception], ...] = (http.client.HTTPException, OSError, OverflowError)
-
-
-def outcome(
-    call: Callable[[], T], errors: tuple[type[Exception], ...] = CLIENT_ERRORS
-) -> T | Exception:
-    """``call()``, or the exception it raised (one of ``errors``), without its traceback."""
-    try:
-        return call()
-    except errors as exc:
-        # The traceback's frames would keep the client's socket alive until a garbage
-        # collection, which may then warn about it (ResourceWarning) in some later test.
-        link: BaseException | None = exc
-        while link is not None:
-            link.__traceback__ = None
-            link = link.__cause__ or link.__context__
-        return exc
-
-
-def fetch(address: tuple[str, int]) -> tuple[int, bytes] | Exception:
-    """GET / with http.client: the status and body, or the exception it raised."""
-
-    def get() -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection(*address, timeout=5)
-        try:
-            conn.request("GET", "/")
-            with conn.getresponse() as reply:
-                return reply.status, reply.read()
-        finally:
-            conn.close()
-
-    return outcome(get)
 
 
 @SETTINGS

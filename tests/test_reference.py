@@ -10,6 +10,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from _checks import check_round_trip, records_of
 
 from selectserver import (
     HALF_CLOSE,
@@ -30,7 +31,6 @@ from selectserver import (
 from selectserver._script import ReadStep
 from selectserver.reference import (
     Ending,
-    Transcript,
     _literal,
     _plan,
     _Player,
@@ -47,19 +47,6 @@ def serve(script: object, **kwargs: object) -> CommandServer:
     """A quiet server with a short timeout, so a test that goes wrong fails fast."""
     kwargs.setdefault("timeout", 5.0)
     return CommandServer(script, verbose=False, **kwargs)  # type: ignore[arg-type]
-
-
-def play_and_check(script: object, **kwargs: object) -> Transcript:
-    """Play ``script`` against a server running it; check both sides against expectations."""
-    with serve(script) as server:
-        transcript = play(script, server.address, sync=server_sync(server), **kwargs)  # type: ignore[arg-type]
-        (record,) = server.wait_for_connections(1)
-    assert transcript == expected_transcript(script, **kwargs), transcript.note  # type: ignore[arg-type]
-    assert record.received == list(transcript.sent)
-    assert record.outcome is expected_outcome(script)
-    assert record.sent == transcript.received
-    server.check()
-    return transcript
 
 
 # ---- plans, without sockets --------------------------------------------------------------------
@@ -113,7 +100,7 @@ def test_expected_transcript_and_outcome(script: object, ending: Ending, outcome
 
 @pytest.mark.parametrize(("script", "ending", "outcome"), PLAYS)
 def test_plays_against_a_real_server(script: object, ending: Ending, outcome: Outcome) -> None:
-    assert play_and_check(script, seed=3).ending is ending
+    assert check_round_trip(script, 3).ending is ending
 
 
 def test_transcript_contents() -> None:
@@ -172,7 +159,7 @@ def test_payload_callable_supplies_bytes() -> None:
     def payload(index: int, step: object) -> bytes | None:
         return b"12;" if isinstance(step, Expect) else None
 
-    transcript = play_and_check(script, payload=payload)
+    transcript = check_round_trip(script, payload=payload)
     assert transcript.sent[0] == b"12;"
 
 
@@ -223,7 +210,7 @@ def test_a_silent_server_times_the_client_out() -> None:
         assert time.monotonic() - started < 3
     assert transcript.ending is Ending.TIMED_OUT
     assert "reading 4 bytes" in transcript.note
-    assert server.connections[0].outcome is Outcome.SERVER_CLOSED
+    assert records_of(server, [transcript])[0].outcome is Outcome.SERVER_CLOSED
 
 
 @pytest.mark.parametrize(
@@ -294,7 +281,7 @@ def test_reset_keeps_every_send_before_it() -> None:
     The client's delayed ACK left b"b" unacknowledged, Nagle held b"c" back, and the RST
     (SO_LINGER 0) discarded it: the client got b"ab".
     """
-    play_and_check([b"a", RECEIVE, b"b", b"c", RESET])
+    check_round_trip([b"a", RECEIVE, b"b", b"c", RESET])
 
 
 def test_linux_reset_semantics() -> None:
@@ -311,11 +298,7 @@ def test_linux_reset_semantics() -> None:
 def test_observable_boundaries_need_no_sync() -> None:
     script = [RECEIVE, b"one", 4, b"two", ReadUntil(b"\n"), RECEIVE, HALF_CLOSE, 2]
     assert not needs_sync(script)
-    with serve(script) as server:
-        transcript = play(script, server.address, seed=11)
-        (record,) = server.wait_for_connections(1)
-    assert transcript == expected_transcript(script, seed=11)
-    assert record.received == list(transcript.sent)
+    check_round_trip(script, 11, sync=False)
 
 
 def test_sync_timeout_ends_the_play() -> None:
