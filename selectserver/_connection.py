@@ -1,20 +1,18 @@
-"""Socket glue: the only accept/recv/send/shutdown calls in selectserver.
+"""Socket glue: the only accept/recv/send/shutdown/close calls in selectserver.
 
 A :class:`Listener` is the reactor's side of one fake server: its listening socket, its scripts
-and its live connections. A :class:`Connection` carries out what its step machine asks for on one
-accepted socket. Both run only on the reactor thread, and both are handlers: the reactor calls
-``on_event(mask)`` when the selector reports their socket, ``on_timer(now, when)`` when a timer
-they armed is due, and ``crash(exc)`` if either raised, which ends only that one object.
+and its live connections. A :class:`Connection` is a plain executor: it carries out what its
+step machine asks for on one accepted socket, moving ciphertext through a
+:class:`~selectserver._tlslayer.TLSLayer` once TLS is on, and reports what the socket did. All
+policy (what to read, when to give up, how to close) lives in the machine.
 
-Sockets are closed so the peer sees what the script means:
+Both run only on the reactor thread, and both are handlers: the reactor calls ``on_event()``
+when the selector reports their socket, ``on_timer(now, when)`` when a timer they armed is
+due, and ``crash(exc)`` if either raised, which ends only that one object. A failing socket or
+selector call costs only its own connection (or pauses its listener): never the reactor.
 
-* a graceful end (``COMPLETED``, ``HUNG_UP``) sends TLS's close_notify if TLS is on, and FIN
-  (``TRUNCATED`` sends FIN alone), then *drains*: it reads and discards
-  what the peer still sends until the peer closes, for at most ``DRAIN_SECONDS`` and
-  ``DRAIN_BYTES``. Closing a socket with unread input would send RST instead, so a client whose
-  request the script read only in part still sees a clean EOF;
-* ``RESET`` closes with ``SO_LINGER`` 0, which sends RST;
-* anything else closes at once.
+No connection monopolises the loop: one pass does at most :data:`CALLS_PER_TURN` socket calls
+for a connection and :data:`ACCEPT_BATCH` accepts for a listener, then yields to the others.
 """
 
 from __future__ import annotations
@@ -22,48 +20,72 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import selectors
 import socket
 import ssl
 import struct
-import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ._machine import Done, Handshake, Receive, Send, ShutdownWrite, StepMachine, Wait
-from ._records import ConnectionRecord, Outcome, ServerLog
+from . import _output
+from ._machine import (
+    Close,
+    Done,
+    Handshake,
+    Receive,
+    Send,
+    ShutdownWrite,
+    StepMachine,
+    Wait,
+)
+from ._records import ConnectionRecord, Latch, Outcome, ServerLog
 from ._script import Step
+from ._tlslayer import TLSLayer
 
 if TYPE_CHECKING:
     from ._reactor import Reactor
 
-__all__ = ["Connection", "Listener"]
+__all__ = ["Connection", "Listener", "format_address"]
 
 logger = logging.getLogger("selectserver")
 
-READ = selectors.EVENT_READ
-WRITE = selectors.EVENT_WRITE
+READ = 1  # selectors.EVENT_READ
+WRITE = 2  # selectors.EVENT_WRITE
 
 #: accepts per readiness event, so one busy listener cannot starve the others
 ACCEPT_BATCH = 64
-#: how long a listener out of file descriptors pauses before accepting again
+#: how long a listener pauses after accept() ran out of resources or failed unexpectedly
 ACCEPT_RETRY_SECONDS = 0.05
-#: after a graceful end, how long and how much to read while waiting for the peer to close
-DRAIN_SECONDS = 2.0
-DRAIN_BYTES = 64 * 1024 * 1024
-#: errors of accept() that mean "out of resources", not "this connection failed"
-_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-#: the most one TLS send takes of a payload (a TLS write is all or nothing)
+#: socket calls (and machine actions) one connection makes per pass of the loop
+CALLS_PER_TURN = 32
+#: the most one TLS write encrypts (a TLS write is all or nothing)
 TLS_SEND_SIZE = 64 * 1024
+#: accept() errors that concern only the connection being accepted (trio's list, accept(2)):
+#: the listener goes on accepting
+_ACCEPT_TRANSIENT = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPERM",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _AF_UNIX = getattr(socket, "AF_UNIX", None)
 #: whether DEBUG records would go anywhere (a C-level call: cheap on the hot path)
 _debugging = functools.partial(logger.isEnabledFor, logging.DEBUG)
-_WOULD_BLOCK_READ = (BlockingIOError, InterruptedError, ssl.SSLWantReadError)
-_WOULD_BLOCK_WRITE = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError)
-#: outcomes that close with FIN and drain (TRUNCATED skips TLS's close_notify)
-_GRACEFUL = frozenset({Outcome.COMPLETED, Outcome.HUNG_UP, Outcome.TRUNCATED})
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
 
 
 def format_address(address: object) -> str:
@@ -76,11 +98,18 @@ def format_address(address: object) -> str:
     return str(address) or "(unnamed)"
 
 
+def describe_error(exc: BaseException) -> str:
+    """An exception in one line: ``ValueError: bad thing``."""
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
 class Listener:
     """One fake server on the reactor: accepts connections and runs a script on each."""
 
     __slots__ = (
+        "__weakref__",
         "_mask",
+        "_retry",
         "accepted",
         "closed",
         "connections",
@@ -117,23 +146,29 @@ class Listener:
         self.connections: dict[Connection, None] = {}  # a set, in a quarter of the memory
         self.accepted = 0
         # Made by the thread that closes the server, set by the reactor once it is closed.
-        self.closed: threading.Event | None = None
+        self.closed: Latch | None = None
         self.reactor: Reactor | None = None
         self._mask = 0
+        self._retry: list[object] | None = None  # the armed accept-again timer
 
     @property
     def tracing(self) -> bool:
         """Whether events go anywhere: hot paths check this before building one."""
         return self.verbose or _debugging()
 
+    def describe_work(self) -> str:
+        """Who this is (for errors about a busy reactor)."""
+        return f"server {self.name}"
+
     def event(self, message: str, *args: object) -> None:
-        """Report an event: a ``SERVER:`` line when verbose, and a DEBUG log record always."""
+        """Report an event: a ``SERVER:`` line when verbose, and a DEBUG log record always.
+
+        Both are written by another thread (``_output``): the reactor never blocks on them.
+        """
         if self.verbose:
-            try:
-                print(f"SERVER: {self.name} " + (message % args if args else message), flush=True)
-            except (OSError, ValueError):
-                pass  # stdout is closed or gone (a finished test's capture): the log still has it
-        logger.debug("%s " + message, self.name, *args)
+            _output.line(f"SERVER: {self.name} " + (message % args if args else message))
+        if _debugging():
+            _output.log(logging.DEBUG, "%s " + message, self.name, *args)
 
     # ---- called by the reactor ----------------------------------------------------------------
 
@@ -144,76 +179,112 @@ class Listener:
             self._listen(True)
             self.event("listening")
 
-    def on_event(self, mask: int) -> None:
+    def on_event(self) -> None:
         """The listening socket is readable: accept what is waiting, a bounded batch at a time."""
         for _ in range(ACCEPT_BATCH):
-            if self.sock is None:
+            sock = self.sock
+            if sock is None:
                 return
             try:
-                conn, peer = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+                conn, peer = sock.accept()
+            except _WOULD_BLOCK:
                 return
             except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
-                    # Pausing instead of spinning: the pending connection stays in the backlog.
-                    self.event("accept failed (%s); pausing %.2f s", exc, ACCEPT_RETRY_SECONDS)
-                    self._listen(False)
-                    assert self.reactor is not None
-                    self.reactor.call_at(time.monotonic() + ACCEPT_RETRY_SECONDS, self)
-                    return
-                if exc.errno == errno.ECONNABORTED:
-                    continue
-                raise
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    continue  # that connection failed; the next one may not
+                # Out of descriptors or memory, or stranger: pause instead of spinning. The
+                # pending connections wait in the backlog.
+                self.event("accept failed (%s); pausing %.2f s", exc, ACCEPT_RETRY_SECONDS)
+                self._pause()
+                return
             self._start(conn, peer)
             if self.max_connections is not None and self.accepted >= self.max_connections:
                 self.stop_listening()
                 return
+        assert self.reactor is not None
+        self.reactor.call_soon(self)  # more may wait: after the others have had their turn
 
     def on_timer(self, now: float, when: float) -> None:
-        """Accept again after running out of file descriptors."""
+        """Accept again after a pause."""
+        self._retry = None
         if self.sock is not None:
             self._listen(True)
-            self.on_event(READ)
+            self.on_event()
 
     def crash(self, exc: BaseException) -> None:
-        """accept() failed unexpectedly: record it and stop listening; connections go on."""
-        logger.error("%s: listener failed", self.name, exc_info=exc)
-        self.log.add_failure(f"server {self.name}: listener failed: {exc!r}")
-        self.stop_listening()
+        """Something failed unexpectedly: record it, and pause accepting; connections go on."""
+        _output.log(logging.ERROR, "%s: listener failed", self.name, exc_info=exc)
+        self.log.add_failure(f"server {self.name}: listener failed: {describe_error(exc)}")
+        try:
+            self._pause()
+        except Exception:
+            self.stop_listening()
 
     def stop_listening(self) -> None:
         """Close the listening socket: later connects are refused."""
         sock = self.sock
-        if sock is not None:
+        if sock is None:
+            return
+        try:
             self._listen(False)  # unregister while the socket is still open
-            self.sock = None
-            sock.close()
-            self.event("stopped listening after %d connections", self.accepted)
+        except Exception:
+            pass  # the reactor has dropped it (see update_interest)
+        self.sock = None
+        self._cancel_retry()
+        sock.close()
+        self.event("stopped listening after %d connections", self.accepted)
 
     def close(self, now: float) -> None:
         """Close the listening socket and every connection (the server is closing)."""
         self.stop_listening()
         for connection in list(self.connections):
-            connection.abort(now)
+            try:
+                connection.abort(now)
+            except Exception as exc:
+                connection.crash(exc)
 
     def forget(self, connection: Connection) -> None:
         """``connection`` has closed its socket."""
         self.connections.pop(connection, None)
+
+    def drop_sockets(self) -> None:
+        """In a forked child: close this process's copies of the sockets, and nothing else.
+
+        No shutdown and no RST: the parent's sockets share the connections.
+        """
+        sockets = [connection.sock for connection in self.connections]
+        if self.sock is not None:
+            sockets.append(self.sock)
+        self.sock = None
+        self.connections.clear()
+        for sock in sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     # ---- internals ----------------------------------------------------------------------------
 
     def _listen(self, on: bool) -> None:
         mask = READ if on else 0
         if self.sock is not None and self.reactor is not None and mask != self._mask:
-            self.reactor.update_interest(self.sock, self, self._mask, mask)
-            self._mask = mask
+            try:
+                self.reactor.update_interest(self.sock, self, self._mask, mask)
+            finally:
+                self._mask = mask if self.reactor.is_registered(self.sock) else 0
+
+    def _pause(self) -> None:
+        self._listen(False)
+        if self._retry is None:
+            assert self.reactor is not None
+            self._retry = self.reactor.call_at(time.monotonic() + ACCEPT_RETRY_SECONDS, self)
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None and self.reactor is not None:
+            self.reactor.cancel(self._retry)
+        self._retry = None
 
     def _start(self, sock: socket.socket, peer: object) -> None:
-        sock.setblocking(False)
-        if sock.family != _AF_UNIX:
-            # Each step's bytes go out when the script says: Nagle would hold a small send back
-            # (merging Drip's pieces, or losing the bytes before a RESET).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         now = time.monotonic()
         index = self.accepted
         self.accepted += 1
@@ -222,11 +293,17 @@ class Listener:
         if self.tracing:
             self.event("#%d accepted from %s", index, format_address(peer))
         try:
+            sock.setblocking(False)
+            if sock.family != _AF_UNIX:
+                # Each step's bytes go out when the script says: Nagle would hold a small
+                # send back (merging Drip's pieces, or losing the bytes before a RESET).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection = Connection(self, sock, record, script, now)
-        except Exception as exc:  # a bug: it must cost this connection, never the listener
+        except Exception as exc:  # it must cost this connection, never the listener
             sock.close()
-            record.end(Outcome.ERROR, f"internal error starting the connection: {exc!r}", now, 0)
-            logger.error("%s #%d failed to start", self.name, index, exc_info=exc)
+            record.failure = f"starting the connection failed: {describe_error(exc)}"
+            record.end(Outcome.ERROR, None, now, 0)
+            self.event("#%d failed to start: %s", index, exc)
             return
         self.connections[connection] = None
         try:
@@ -239,11 +316,11 @@ class Connection:
     """Carries out one step machine's actions on one accepted, non-blocking socket."""
 
     __slots__ = (
-        "_buffer",
         "_closed",
-        "_drain_until",
-        "_drained",
         "_mask",
+        "_out",
+        "_out_plain",
+        "_timer",
         "_timer_at",
         "_tls",
         "listener",
@@ -266,260 +343,326 @@ class Connection:
         self.machine = StepMachine(script, record, now=now, timeout=listener.timeout)
         record._describe = self.machine.describe
         self._mask = 0
-        self._timer_at: float | None = None
-        self._drain_until: float | None = None  # set while draining after a graceful end
-        self._drained = 0
-        self._tls = False  # whether sock is an SSLSocket
+        self._timer: list[object] | None = None  # the one armed timer's heap entry
+        self._timer_at = 0.0
+        self._tls: TLSLayer | None = None
+        self._out: memoryview | None = None  # ciphertext not yet sent
+        self._out_plain = 0  # plaintext bytes _out carries, reported to the machine once sent
         self._closed = False
-        reactor = listener.reactor
-        assert reactor is not None
-        self._buffer = reactor.receive_buffer()
 
     def start(self, now: float) -> None:
         """Run the script's first steps."""
         self._pump(now)
 
+    def describe_work(self) -> str:
+        """Who this is and what it waits for (for errors about a busy reactor)."""
+        return (
+            f"connection {self.record.index} of server {self.listener.name}: "
+            f"{self.machine.describe()}"
+        )
+
     # ---- handler interface --------------------------------------------------------------------
 
-    def on_event(self, mask: int) -> None:
-        """The socket is ready for what we registered: read, or carry on with the script."""
-        now = time.monotonic()
-        if self._drain_until is not None:
-            self._drain()
-        elif type(self.machine.next_action()) is Receive:
-            self._receive(now)
-        else:
-            self._pump(now)
+    def on_event(self) -> None:
+        """The socket is ready (or the loop came back to us): carry on with the script."""
+        if not self._closed:
+            self._pump(time.monotonic())
 
     def on_timer(self, now: float, when: float) -> None:
         """A wait ended or a deadline passed."""
-        if when == self._timer_at:
-            self._timer_at = None
+        self._timer = None
         if self._closed:
-            return
-        if self._drain_until is not None:
-            if now >= self._drain_until:
-                self._close()
             return
         self.machine.tick(now)
         self._pump(now)
 
     def crash(self, exc: BaseException) -> None:
         """Something raised while handling this connection: end it as an ERROR."""
-        logger.error("%s #%d failed", self.listener.name, self.record.index, exc_info=exc)
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        self.machine.fail(f"internal error: {detail}", time.monotonic())
-        self._close()
+        _output.log(
+            logging.ERROR, "%s #%d failed", self.listener.name, self.record.index, exc_info=exc
+        )
+        now = time.monotonic()
+        try:
+            self.machine.fail(f"internal error: {describe_error(exc)}", now)
+        except Exception:
+            pass  # the record is ended below
+        finally:
+            self._close_socket(reset=False)
+            self.machine.closed(now)
+            if not self.record.ended:  # the machine itself is broken: end the record here
+                self.record.end(Outcome.ERROR, f"internal error: {describe_error(exc)}", now, 0)
+            self.listener.forget(self)
 
     def abort(self, now: float) -> None:
         """The server is closing: end the script here and close the socket."""
         self.machine.server_closed(now)
-        self._close()
+        self._pump(now)
 
     # ---- the machine's actions ----------------------------------------------------------------
 
     def _pump(self, now: float) -> None:
-        """Do what the machine asks until it waits for the socket or the clock."""
+        """Do what the machine asks until it waits for the socket or the clock, or the turn
+        is over."""
         machine = self.machine
-        while True:
+        for _ in range(CALLS_PER_TURN):
             action = machine.next_action()
             kind = type(action)
-            if kind is Receive:
-                assert isinstance(action, Receive)
-                self._want(READ, action.deadline)
-                return
-            if kind is Send:
-                assert isinstance(action, Send)
-                if not self._send(action, now):
+            if self._out is not None and kind is not Close:
+                if not self._flush(action, now):
                     return
-            elif kind is Wait:
-                assert isinstance(action, Wait)
-                self._want(0, action.until)
+                continue  # the machine may have moved on
+            if not _PERFORM[kind](self, action, now):
                 return
-            elif kind is ShutdownWrite:
-                self._shutdown_write(close_notify=True)
-                self.listener.event("#%d half-closed", self.record.index)
-                machine.write_shut(now)
-            elif kind is Handshake:
-                assert isinstance(action, Handshake)
-                if not self._handshake(action, now):
-                    return
-            else:
-                assert isinstance(action, Done)
-                self._end(action.outcome, now)
-                return
+        reactor = self.listener.reactor
+        assert reactor is not None
+        reactor.call_soon(self)
+
+    def _receive(self, action: Receive, now: float) -> bool:
+        """Read what arrived and hand it to the machine; False if nothing has."""
+        tls = self._tls
+        if tls is not None:
+            try:
+                plain = tls.read()
+            except ssl.SSLError as exc:
+                self._queue_output()
+                self.machine.tls_failed(_reason(exc), now)
+                return True
+            self._queue_output()
+            if plain is not None:
+                self.machine.receive_data(plain, now)
+                return True
+        data = self._recv(action.deadline, now)
+        if data is None:
+            return False
+        if tls is not None:
+            tls.receive(data)
+        else:
+            self.machine.receive_data(data, now)
+        return True
+
+    def _recv(self, deadline: float | None, now: float) -> bytes | None:
+        """One recv(); None if nothing is there yet (then we wait for READ)."""
+        reactor = self.listener.reactor
+        assert reactor is not None
+        # recv_into a reused buffer: recv(256 KiB) mallocs above glibc's mmap threshold,
+        # which can cost an mmap/munmap pair per call (most of a loopback round trip).
+        buffer = reactor.receive_buffer()
+        try:
+            count = self.sock.recv_into(buffer)
+        except _WOULD_BLOCK:
+            self._want(READ, deadline)
+            return None
+        except OSError as exc:
+            self._lost(exc, "recv", now)
+            return b""  # the machine is closing: EOF changes nothing
+        if count and self.listener.tracing:
+            self.listener.event("#%d received %d bytes", self.record.index, count)
+        return buffer[:count].tobytes()
 
     def _send(self, action: Send, now: float) -> bool:
         """Send what the socket takes of ``action.data``; False if we must wait to send more."""
-        machine = self.machine
-        # A TLS write goes out whole or not at all, so bound it to keep the loop fair.
-        data = action.data[:TLS_SEND_SIZE] if self._tls else action.data
+        tls = self._tls
+        if tls is not None:
+            # Encrypt a bounded piece; it counts as sent once its ciphertext is on the wire.
+            self._out_plain = tls.write(action.data[:TLS_SEND_SIZE])
+            self._queue_output()
+            return True
         try:
-            sent = self.sock.send(data)
-        except _WOULD_BLOCK_WRITE:
+            sent = self.sock.send(action.data)
+        except _WOULD_BLOCK:
             self._want(WRITE, action.deadline)
-            return False
-        except ssl.SSLWantReadError:
-            self._want(READ, action.deadline)
             return False
         except OSError as exc:
             self._lost(exc, "send", now)
-        else:
-            if self.listener.tracing:
-                self.listener.event("#%d sent %d bytes", self.record.index, sent)
-            machine.data_sent(sent, now)
-            if sent < len(data):
-                self._want(WRITE, action.deadline)
-                return False
+            return True
+        if self.listener.tracing:
+            self.listener.event("#%d sent %d bytes", self.record.index, sent)
+        self.machine.data_sent(sent, now)
+        if sent < len(action.data):
+            self._want(WRITE, action.deadline)
+            return False
         return True
 
-    def _receive(self, now: float) -> None:
-        # Under TLS one recv() into the 256 KiB buffer takes a whole record (at most 16 KiB),
-        # and OpenSSL does not read ahead, so no decrypted bytes hide from the selector.
-        # recv_into a reused buffer: recv(256 KiB) mallocs above glibc's mmap threshold,
-        # which can cost an mmap/munmap pair per call (most of a loopback round trip).
-        buffer = self._buffer
+    def _wait(self, action: Wait, now: float) -> bool:
+        self._want(0, action.until)
+        return False
+
+    def _shutdown_write(self, action: ShutdownWrite, now: float) -> bool:
+        """Queue close_notify if asked (flushed first by _pump), then send FIN."""
+        tls = self._tls
+        if tls is not None and action.close_notify and not tls.shut:
+            tls.shutdown()
+            self._queue_output()
+            return True
         try:
-            count = self.sock.recv_into(buffer)
-        except _WOULD_BLOCK_READ:
-            return
-        except ssl.SSLWantWriteError:
-            self._want(WRITE, None)  # TLS needs to write before it can read more
-            return
-        except OSError as exc:
-            self._lost(exc, "recv", now)
-        else:
-            if count and self.listener.tracing:
-                self.listener.event("#%d received %d bytes", self.record.index, count)
-            self.machine.receive_data(buffer[:count].tobytes(), now)
-        self._pump(now)
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is already gone; the next recv or send says how
+        self.listener.event("#%d shut down its sending side", self.record.index)
+        self.machine.write_shut(now)
+        return True
 
     def _handshake(self, action: Handshake, now: float) -> bool:
         """Advance the TLS handshake; False if it waits for the socket."""
-        context = self.listener.tls_context
-        assert context is not None, "StartTLS on a server without tls="
-        if not self._tls:
-            self._want(0, None)  # the selector knows the plain socket, which wrapping detaches
-            self.sock = context.wrap_socket(
-                self.sock, server_side=True, do_handshake_on_connect=False
-            )
-            self._tls = True
-        sock = self.sock
-        assert isinstance(sock, ssl.SSLSocket)
+        tls = self._tls
+        if tls is None:
+            context = self.listener.tls_context
+            assert context is not None, "StartTLS on a server without tls="
+            tls = self._tls = TLSLayer(context)
         try:
-            sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._want(READ, action.deadline)
+            done = tls.handshake()
+        except ssl.SSLError as exc:
+            self._queue_output()  # the alert, if any, goes out before the close
+            self.machine.tls_failed(_reason(exc), now)
+            return True
+        self._queue_output()
+        if done:
+            self.listener.event("#%d TLS started (%s)", self.record.index, tls.version)
+            self.record.peer_certificate = tls.peer_certificate()
+            self.machine.tls_started(now)
+            return True
+        if self._out is not None:
+            return True  # send our handshake messages first
+        data = self._recv(action.deadline, now)
+        if data is None:
             return False
-        except ssl.SSLWantWriteError:
-            self._want(WRITE, action.deadline)
+        tls.receive(data)
+        return True
+
+    def _close(self, action: Close, now: float) -> bool:
+        if self._out is not None:
+            try:
+                self.sock.send(self._out)  # a last alert or close_notify, if the socket takes it
+            except OSError:
+                pass
+        self._close_socket(reset=action.reset)
+        self.machine.closed(now)
+        return True
+
+    def _done(self, action: Done, now: float) -> bool:
+        record = self.record
+        if self.listener.tracing:
+            why = record.failure or record.detail
+            self.listener.event(
+                "#%d ended: %s%s", record.index, action.outcome.value, f" ({why})" if why else ""
+            )
+        self.listener.forget(self)
+        return False
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _queue_output(self) -> None:
+        """Take the TLS layer's ciphertext into the send queue."""
+        tls = self._tls
+        assert tls is not None
+        data = tls.outgoing()
+        if data:
+            queued = self._out
+            self._out = memoryview(data if queued is None else bytes(queued) + data)
+
+    def _flush(self, action: object, now: float) -> bool:
+        """Send queued ciphertext; True once all of it is on the wire."""
+        out = self._out
+        assert out is not None
+        try:
+            sent = self.sock.send(out)
+        except _WOULD_BLOCK:
+            self._want(WRITE, _wake_time(action))
             return False
         except OSError as exc:
-            self._lost(exc, "TLS handshake", now)
+            self._out = None
+            self._out_plain = 0
+            self._lost(exc, "send", now)
             return True
-        self.listener.event("#%d TLS started (%s)", self.record.index, sock.version())
-        self.machine.tls_started(now)
+        if sent < len(out):
+            self._out = out[sent:]
+            self._want(WRITE, _wake_time(action))
+            return False
+        self._out = None
+        plain, self._out_plain = self._out_plain, 0
+        if plain:
+            if self.listener.tracing:
+                self.listener.event("#%d sent %d bytes", self.record.index, plain)
+            self.machine.data_sent(plain, now)
         return True
 
     def _lost(self, exc: OSError, doing: str, now: float) -> None:
-        """Tell the machine how a socket call failed: the peer left, TLS broke, or worse."""
+        """Tell the machine how a socket call failed: the peer left, or worse."""
         machine = self.machine
         if isinstance(exc, BrokenPipeError):
             machine.peer_gone(now)
         elif isinstance(exc, ConnectionResetError):
             machine.peer_reset(now)
-        elif isinstance(exc, ssl.SSLError):
-            machine.tls_failed(_reason(exc), now)
         else:
-            machine.fail(f"{doing} failed: {exc}", now)
+            machine.fail(f"{doing} failed: {describe_error(exc)}", now)
 
     def _want(self, mask: int, wake_at: float | None) -> None:
-        """Register for ``mask`` (only when it changes) and arm a timer for ``wake_at``."""
+        """Register for ``mask`` (only when it changes) and arm a timer for ``wake_at``.
+
+        One timer at a time: a later one than the armed timer waits for it to fire (the
+        machine hands out its deadline again), an earlier one replaces it.
+        """
+        reactor = self.listener.reactor
+        assert reactor is not None
         if mask != self._mask:
-            reactor = self.listener.reactor
-            assert reactor is not None
-            reactor.update_interest(self.sock, self, self._mask, mask)
-            self._mask = mask
-        if wake_at is not None and (self._timer_at is None or wake_at < self._timer_at):
-            self._timer_at = wake_at
-            reactor = self.listener.reactor
-            assert reactor is not None
-            reactor.call_at(wake_at, self)
-
-    def _shutdown_write(self, *, close_notify: bool) -> None:
-        """Send FIN, after TLS's close_notify if asked; reads go on (through TLS, if any)."""
-        sock = self.sock
-        if close_notify and isinstance(sock, ssl.SSLSocket):
             try:
-                sock.unwrap()  # sends close_notify; raises while the peer's has not come
-            except (ssl.SSLError, OSError, ValueError):
-                pass  # sent, or the peer is gone: the next recv says which
-        try:
-            # socket.socket's own shutdown: SSLSocket.shutdown would also drop the TLS layer.
-            socket.socket.shutdown(sock, socket.SHUT_WR)
-        except OSError:
-            pass  # the peer is already gone; the next recv or send says how
+                reactor.update_interest(self.sock, self, self._mask, mask)
+            finally:
+                self._mask = mask if reactor.is_registered(self.sock) else 0
+        if wake_at is not None and (self._timer is None or wake_at < self._timer_at):
+            if self._timer is not None:
+                reactor.cancel(self._timer)
+            self._timer = reactor.call_at(wake_at, self)
+            self._timer_at = wake_at
 
-    # ---- the end ------------------------------------------------------------------------------
-
-    def _end(self, outcome: Outcome, now: float) -> None:
-        record = self.record
-        if self.listener.tracing:
-            why = record.failure or record.detail
-            self.listener.event(
-                "#%d ended: %s%s", record.index, outcome.value, f" ({why})" if why else ""
-            )
-        if outcome in _GRACEFUL:
-            if not record.half_closed:
-                self._shutdown_write(close_notify=outcome is not Outcome.TRUNCATED)
-            self._drain_until = now + DRAIN_SECONDS
-            self._want(READ, self._drain_until)
-            self._drain()
+    def _close_socket(self, *, reset: bool) -> None:
+        """Unregister and close the socket (RST if ``reset``); never raises."""
+        if self._closed:
             return
-        if outcome is Outcome.RESET:
+        self._closed = True
+        self._out = None
+        reactor = self.listener.reactor
+        if reactor is not None:
+            if self._mask:
+                try:
+                    reactor.update_interest(self.sock, self, self._mask, 0)
+                except Exception:
+                    pass  # already dropped by the selector
+                self._mask = 0
+            if self._timer is not None:
+                reactor.cancel(self._timer)
+                self._timer = None
+        if reset:
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
             except OSError:
                 pass  # already reset by the peer: closing is all that is left
-        self._close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
-    def _drain(self) -> None:
-        """Read and discard until the peer closes, so closing sends FIN rather than RST."""
-        for _ in range(4):  # bounded per event; the selector brings us back
-            try:
-                count = self.sock.recv_into(self._buffer)
-            except _WOULD_BLOCK_READ:
-                return
-            except OSError:
-                count = 0
-            if count == 0:
-                break
-            self._drained += count
-            self.record.discarded += count
-            if self._drained >= DRAIN_BYTES:
-                break
-        else:
-            return
-        self._close()
 
-    def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._mask:
-            reactor = self.listener.reactor
-            assert reactor is not None
-            reactor.update_interest(self.sock, self, self._mask, 0)
-            self._mask = 0
-        self.sock.close()
-        reactor = self.listener.reactor
-        if reactor is not None:
-            reactor.forget_timers(self)
-        self.listener.forget(self)
+_PERFORM: dict[type, Callable[[Connection, object, float], bool]] = {
+    Receive: Connection._receive,  # type: ignore[dict-item]
+    Send: Connection._send,  # type: ignore[dict-item]
+    Wait: Connection._wait,  # type: ignore[dict-item]
+    ShutdownWrite: Connection._shutdown_write,  # type: ignore[dict-item]
+    Handshake: Connection._handshake,  # type: ignore[dict-item]
+    Close: Connection._close,  # type: ignore[dict-item]
+    Done: Connection._done,  # type: ignore[dict-item]
+}
+
+
+def _wake_time(action: object) -> float | None:
+    """When the machine wants ``tick`` during ``action``."""
+    if isinstance(action, Wait):
+        return action.until
+    return getattr(action, "deadline", None)
 
 
 def _reason(exc: BaseException) -> str:
-    """An OSError or SSLError in a few words."""
+    """An SSLError in a few words."""
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return f"{exc.reason} ({exc.library or 'SSL'})"
     return str(exc) or type(exc).__name__

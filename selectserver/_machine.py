@@ -2,23 +2,26 @@
 
 Theory of operation
 -------------------
-A :class:`StepMachine` runs a compiled script (see ``_script``) for one connection. Like h11's
-``Connection`` it never touches a socket: :meth:`~StepMachine.next_action` says what the
-connection wants next, and a few methods report what happened (``receive_data``, ``data_sent``,
-``write_shut``, ``tick``, ``peer_reset``, ``server_closed``). Every method that can move the
-machine takes ``now``, so timeouts, delays and drips are tested without sleeping.
+A :class:`StepMachine` runs a compiled script (see ``_script``) for one connection, from the
+accept to the close of its socket. Like h11's ``Connection`` it never touches a socket:
+:meth:`~StepMachine.next_action` says what the connection wants next, and a few methods report
+what happened (``receive_data``, ``data_sent``, ``write_shut``, ``tls_started``, ``closed``,
+``tick``, ``peer_reset``, ``server_closed``, ...). Every method that can move the machine takes
+``now``, so timeouts, delays, drips, drains and lingering closes are tested without sleeping.
 
 The actions form a small closed set:
 
 * :class:`Receive` -- read whatever arrives and pass it to ``receive_data`` (``b""`` is EOF);
 * :class:`Send` -- send as much of ``data`` as the socket takes and report it to ``data_sent``;
 * :class:`Wait` -- do nothing until ``until``, then call ``tick``;
-* :data:`SHUTDOWN_WRITE` -- shut the sending side (FIN) and call ``write_shut``;
+* :class:`ShutdownWrite` -- send TLS's close_notify if asked and TLS is on, then FIN; call
+  ``write_shut`` once both are on the wire;
 * :class:`Handshake` -- run the TLS handshake, then call ``tls_started`` (or ``tls_failed``);
-* :class:`Done` -- the connection is over; ``outcome`` says how to close the socket.
+* :class:`Close` -- close the socket (with RST if ``reset``), then call ``closed``;
+* :class:`Done` -- the socket is closed; ``outcome`` says how the connection ended.
 
-``Receive``, ``Send`` and ``Handshake`` carry a ``deadline``: call ``tick`` then (or later) and
-the machine decides whether the peer has been silent for longer than the timeout.
+Every action but ``Done`` carries a time (``deadline`` or ``until``): call ``tick`` then (or
+later) and the machine decides whether the peer has been silent for too long.
 
 How steps complete:
 
@@ -32,16 +35,29 @@ How steps complete:
   is copied. Between slices the machine waits (drip interval, throttle pacing).
 * ``Delay`` waits; ``Throttle`` sets the pacing of later sends; ``HALF_CLOSE`` asks for a
   shutdown of the sending side; ``STALL`` reads and discards until the peer closes;
-  ``StartTLS`` asks for a handshake (a failing one was compiled into plain steps).
+  ``StartTLS`` asks for a handshake (a failing one was compiled into plain steps). Bytes still
+  unread when a handshake starts came in plaintext before TLS: a failure (STARTTLS command
+  injection, CVE-2011-0411), and they are discarded.
 
 How a connection ends, always exactly once, with one :class:`~selectserver.Outcome`:
 the script runs out (``COMPLETED``) or says ``HANGUP`` (``HUNG_UP``), ``TRUNCATE`` or ``RESET``;
-the TLS handshake fails (``TLS_FAILED``); the peer closes
-(``PEER_CLOSED``) or resets (``PEER_RESET``); the peer is silent for ``timeout`` seconds during a
-receive or send step (``TIMED_OUT``); or the server is closed (``SERVER_CLOSED``). An ``Expect``
-that did not match before the end, and a timeout, are failures: the record keeps a sentence
-saying which step failed and why, which ``check()`` reports. After ``Done`` the machine takes no
-more steps and ignores further reports.
+the TLS handshake fails (``TLS_FAILED``); the peer closes (``PEER_CLOSED``) or resets
+(``PEER_RESET``); the peer is silent for ``timeout`` seconds during a receive or send step
+(``TIMED_OUT``); or the server is closed (``SERVER_CLOSED``). An ``Expect`` that did not match
+before the end, and a timeout, are failures: the record keeps a sentence saying which step
+failed and why, which ``check()`` reports. Every byte read is in the record: in ``received``, or
+counted in ``discarded`` (a stall, the drain, bytes left unread when the script ended).
+
+How the socket closes, so the peer sees what the script means (the record ends only once the
+wire shows the end: after the FIN, or after the close):
+
+* a graceful end (``COMPLETED``, ``HUNG_UP``; ``TRUNCATED`` without close_notify) shuts the
+  sending side, ends the record, then *drains*: reads and discards what the peer still sends
+  until it closes, for at most :data:`DRAIN_SECONDS` and :data:`DRAIN_BYTES`, then closes.
+  Closing with unread input would send RST, so a client whose request the script read only in
+  part still sees a clean EOF;
+* ``RESET`` closes with RST;
+* anything else closes at once.
 """
 
 from __future__ import annotations
@@ -54,8 +70,10 @@ from ._records import ConnectionRecord, Outcome
 from ._script import Command, Delay, ReadStep, SendStep, StartTLS, Step, Throttle
 
 __all__ = [
-    "SHUTDOWN_WRITE",
+    "DRAIN_BYTES",
+    "DRAIN_SECONDS",
     "Action",
+    "Close",
     "Done",
     "Handshake",
     "Receive",
@@ -90,7 +108,10 @@ class Wait:
 
 @dataclass(frozen=True, slots=True)
 class ShutdownWrite:
-    """Shut down the sending side of the socket, then call ``write_shut``."""
+    """Send close_notify (if ``close_notify`` and TLS is on), then FIN; then ``write_shut``."""
+
+    close_notify: bool
+    deadline: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,17 +122,40 @@ class Handshake:
 
 
 @dataclass(frozen=True, slots=True)
+class Close:
+    """Close the socket now, with RST if ``reset``; then call ``closed``."""
+
+    reset: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
-    """The connection is over."""
+    """The connection is over and its socket closed."""
 
     outcome: Outcome
 
 
-SHUTDOWN_WRITE = ShutdownWrite()
-Action = Union[Receive, Send, Wait, ShutdownWrite, Handshake, Done]
+Action = Union[Receive, Send, Wait, ShutdownWrite, Handshake, Close, Done]
 
 #: A throttled send hands out slices worth this many seconds of its rate.
 THROTTLE_SLICE_SECONDS = 0.01
+#: After a graceful end, how long and how much to read while waiting for the peer to close.
+DRAIN_SECONDS = 2.0
+DRAIN_BYTES = 64 * 1024 * 1024
+#: An ``Expect`` whose match has no width bound searches a buffer past this size again only
+#: when it has doubled, or when the peer has paused for ``SEARCH_PAUSE_SECONDS``: close to
+#: linear however much arrives before the match.
+SEARCH_EAGERLY_BELOW = 64 * 1024
+SEARCH_PAUSE_SECONDS = 0.01
+
+_GRACEFUL = frozenset({Outcome.COMPLETED, Outcome.HUNG_UP, Outcome.TRUNCATED})
+_SCRIPT_ENDS = {
+    Command.HANGUP: Outcome.HUNG_UP,
+    Command.TRUNCATE: Outcome.TRUNCATED,
+    Command.RESET: Outcome.RESET,
+}
+# What the phases after the script are waiting for, for describe().
+_RUNNING, _SHUTTING, _DRAINING, _CLOSING, _DONE = range(5)
 
 
 class StepMachine:
@@ -120,19 +164,25 @@ class StepMachine:
     __slots__ = (
         "_action",
         "_buffer",
+        "_drain_until",
+        "_drained",
         "_index",
         "_next_send",
+        "_outcome",
+        "_phase",
         "_progress",
         "_rate",
         "_rest",
         "_rng",
+        "_search_due",
         "_searched",
+        "_sent_root",
         "_step",
         "_step_bytes",
+        "_step_sent",
         "_steps",
         "_taken",
         "_timeout",
-        "_until",
         "_view",
         "record",
     )
@@ -159,8 +209,11 @@ class StepMachine:
         self._timeout = timeout
         self._index = -1
         self._step: Step | None = None
+        self._phase = _RUNNING
+        self._outcome = Outcome.COMPLETED  # how the script ended, once it has
         self._buffer = bytearray()  # read, not yet taken by a receive step
-        self._searched = 0  # how much of _buffer the current ReadUntil has searched
+        self._searched = 0  # how much of _buffer the current ReadUntil/Expect has searched
+        self._search_due: float | None = None  # when a deferred Expect search runs
         self._taken = 0  # bytes the current count step has read
         self._step_bytes = bytearray()  # what the current count step keeps
         self._progress = now  # when the peer last moved bytes, or the step began
@@ -168,8 +221,11 @@ class StepMachine:
         self._next_send = now  # a throttled send may not start before this
         self._view: memoryview | None = None  # unsent part of the current slice
         self._rest: memoryview | None = None  # the current send step after this slice
-        self._until = 0.0  # end of the current wait
+        self._sent_root: memoryview | None = None  # the current send step's whole payload
+        self._step_sent = 0  # how much of it the socket took
         self._rng: random.Random | None = None  # jitter of the current Delay/Drip
+        self._drain_until = 0.0
+        self._drained = 0
         self._action: Action = Done(Outcome.COMPLETED)
         self._next_step(now)
 
@@ -184,11 +240,18 @@ class StepMachine:
         """The index of the step now running (``len(script)`` once the script has run out)."""
         return self._index
 
+    @property
+    def running(self) -> bool:
+        """Whether the script is still running (it has not ended, nor begun to close)."""
+        return self._phase == _RUNNING
+
     def describe(self) -> str:
         """What the connection is waiting for, in words (for timeouts and transcripts)."""
         action = self._action
         if isinstance(action, Done):
             return f"ended: {action.outcome.value}"
+        if self._phase != _RUNNING:
+            return _CLOSING_WORDS[self._phase]
         where = f"step {self._index} ({self._label()})"
         if isinstance(action, Receive):
             got = len(self._buffer) + self._taken
@@ -208,6 +271,12 @@ class StepMachine:
     def receive_data(self, data: bytes, now: float) -> None:
         """Bytes arrived from the peer; ``b""`` means the peer closed its sending side."""
         if not isinstance(self._action, Receive):
+            return
+        if self._phase == _DRAINING:
+            self._drained += len(data)
+            self.record.discarded += len(data)
+            if not data or self._drained >= DRAIN_BYTES:
+                self._close(reset=False)
             return
         step = self._step
         if not data:
@@ -233,7 +302,10 @@ class StepMachine:
             return
         self._progress = now
         view = action.data
-        self.record.add_sent(view[:count])
+        root = self._sent_root
+        assert root is not None
+        self._step_sent += count
+        self.record.add_sent(root[: self._step_sent], extend=self._step_sent > count)
         if count < len(view):
             self._view = view[count:]
             self._action = Send(self._view, self._deadline())
@@ -242,10 +314,21 @@ class StepMachine:
         self._after_slice(len(view), now)
 
     def write_shut(self, now: float) -> None:
-        """The sending side is shut down (after :data:`SHUTDOWN_WRITE`)."""
-        if self._action is SHUTDOWN_WRITE:
-            self.record.half_closed = True
+        """The sending side is shut down (after :class:`ShutdownWrite`)."""
+        if not isinstance(self._action, ShutdownWrite):
+            return
+        self.record.half_closed = True
+        if self._phase == _SHUTTING:
+            self._drain(now)
+        else:
             self._next_step(now)
+
+    def closed(self, now: float) -> None:
+        """The socket is closed (after :class:`Close`)."""
+        if isinstance(self._action, Close):
+            self._end_record(now)
+            self._phase = _DONE
+            self._action = Done(self._outcome)
 
     def tick(self, now: float) -> None:
         """Time has passed: end a wait whose time has come, or time out a silent peer."""
@@ -257,26 +340,37 @@ class StepMachine:
                 self._send_slice(now)
             else:
                 self._next_step(now)
-        elif (
-            isinstance(action, (Receive, Send, Handshake))
+            return
+        if self._phase == _DRAINING:
+            if now >= self._drain_until:
+                self._close(reset=False)
+            return
+        if self._phase == _SHUTTING:
+            deadline = action.deadline if isinstance(action, ShutdownWrite) else None
+            if deadline is not None and now >= deadline:
+                self._close(reset=False)  # the peer reads nothing: give up on a clean end
+            return
+        if self._search_due is not None and now >= self._search_due:
+            step = self._step
+            assert isinstance(step, ReadStep)
+            self._search_due = None
+            if self._try_read(step, now, deferred=True):
+                self._next_step(now)
+                return
+            action = self._action
+        if (
+            isinstance(action, (Receive, Send, Handshake, ShutdownWrite))
             and self._timeout is not None
             and self._step is not Command.STALL  # a stall waits for the peer, however long
         ):
             if now < self._progress + self._timeout:
-                deadline = self._deadline()
-                if isinstance(action, Send):
-                    self._action = Send(action.data, deadline)
-                else:
-                    self._action = type(action)(deadline)
+                self._rearm()
                 return
-            if isinstance(action, Receive):
-                silent = "no data arrived"
-            elif isinstance(action, Send):
-                silent = "the peer took none of the data"
-            else:
-                silent = "the TLS handshake did not finish"
             self._end_early(
-                Outcome.TIMED_OUT, f"timed out: {silent} for {self._timeout:g} s", now, failed=True
+                Outcome.TIMED_OUT,
+                f"timed out: {_SILENCE[type(action)]} for {self._timeout:g} s",
+                now,
+                failed=True,
             )
 
     def tls_started(self, now: float) -> None:
@@ -317,27 +411,53 @@ class StepMachine:
         timeout = self._timeout
         return None if timeout is None else self._progress + timeout
 
+    def _wake(self) -> float | None:
+        """The deadline to hand out: the timeout's, or a deferred search's if sooner."""
+        deadline = self._deadline()
+        due = self._search_due
+        if due is not None and (deadline is None or due < deadline):
+            return due
+        return deadline
+
+    def _rearm(self) -> None:
+        """Hand out the current action again with its deadline brought up to date."""
+        action = self._action
+        if isinstance(action, Send):
+            self._action = Send(action.data, self._deadline())
+        elif isinstance(action, ShutdownWrite):
+            self._action = ShutdownWrite(action.close_notify, self._deadline())
+        elif isinstance(action, Receive):
+            self._action = Receive(self._wake())
+        elif isinstance(action, Handshake):
+            self._action = Handshake(self._deadline())
+
     def _next_step(self, now: float) -> None:
         """Start the following steps until one waits for the peer or the clock."""
         steps = self._steps
+        record = self.record
         while True:
             self._index += 1
             if self._index >= len(steps):
                 self._step = None
-                self._finish(Outcome.COMPLETED, None, now)
+                self._end_script(Outcome.COMPLETED, now)
                 return
             step = self._step = steps[self._index]
+            record.step = self._index
             self._progress = now
             if isinstance(step, ReadStep):
                 self._searched = self._taken = 0
+                self._search_due = None
                 if self._try_read(step, now):
                     continue
-                self._action = Receive(self._deadline())
+                if self._phase == _RUNNING:
+                    self._action = Receive(self._wake())
                 return
             if isinstance(step, SendStep):
                 if not step.data:
                     continue
-                self._rest = memoryview(step.data)  # slices of it are sent: no copies
+                # Slices of the caller's buffer are sent: no copies.
+                self._rest = self._sent_root = memoryview(step.data)
+                self._step_sent = 0
                 self._rng = random.Random(step.seed) if step.jitter else None
                 self._send_slice(now)
                 return
@@ -345,33 +465,28 @@ class StepMachine:
                 seconds = step.seconds
                 if step.jitter:
                     seconds += random.Random(step.seed).uniform(0.0, step.jitter)
-                self._until = now + seconds
-                self._action = Wait(self._until)
+                self._action = Wait(now + seconds)
                 return
             if isinstance(step, Throttle):
                 self._rate = step.bytes_per_second
                 self._next_send = now
                 continue
             if isinstance(step, StartTLS):
+                self._refuse_plaintext()
                 self._action = Handshake(self._deadline())
                 return
             if step is Command.HALF_CLOSE:
-                self._action = SHUTDOWN_WRITE
+                self._action = ShutdownWrite(True, self._deadline())
                 return
             if step is Command.STALL:
+                self._discard_buffer()
                 self._action = Receive(None)
                 return
-            if step is Command.HANGUP:
-                self._finish(Outcome.HUNG_UP, None, now)
-                return
-            if step is Command.TRUNCATE:
-                self._finish(Outcome.TRUNCATED, None, now)
-                return
-            assert step is Command.RESET, step
-            self._finish(Outcome.RESET, None, now)
+            assert step in _SCRIPT_ENDS, step
+            self._end_script(_SCRIPT_ENDS[step], now)
             return
 
-    def _try_read(self, step: ReadStep, now: float) -> bool:
+    def _try_read(self, step: ReadStep, now: float, *, deferred: bool = False) -> bool:
         """Complete ``step`` from the buffer if its condition holds; True if it did."""
         buffer = self._buffer
         record = self.record
@@ -387,9 +502,7 @@ class StepMachine:
             end = -1 if found < 0 else found + len(step.delimiter)
             self._searched = len(buffer)
         else:
-            assert step.regex is not None
-            match = step.regex.search(buffer)
-            end = -1 if match is None else match.end()
+            end = self._search(step, now, deferred)
         if end < 0:
             if len(buffer) > record.max_receive:
                 self._end_early(
@@ -398,11 +511,35 @@ class StepMachine:
                     now,
                     failed=True,
                 )
+            elif self._search_due is not None and isinstance(self._action, Receive):
+                self._action = Receive(self._wake())
             return False
         data = bytes(buffer[:end])
         del buffer[:end]
         record.add_received(record.keep(data), self._index)
         return True
+
+    def _search(self, step: ReadStep, now: float, deferred: bool) -> int:
+        """Where ``step``'s regex match in the buffer ends, or -1 (see SEARCH_EAGERLY_BELOW)."""
+        assert step.regex is not None
+        buffer = self._buffer
+        width = step.max_width
+        if width is not None:
+            # A match the last search did not find must end in the new bytes.
+            match = step.regex.search(buffer, max(0, self._searched - width))
+        elif (
+            deferred
+            or len(buffer) < SEARCH_EAGERLY_BELOW
+            or len(buffer) >= 2 * self._searched
+            or self._searched == 0
+        ):
+            match = step.regex.search(buffer)
+        else:
+            self._search_due = now + SEARCH_PAUSE_SECONDS
+            return -1
+        self._search_due = None
+        self._searched = len(buffer)
+        return -1 if match is None else match.end()
 
     def _take_count(self, step: ReadStep, data: bytes) -> bool:
         """Add ``data`` to a count step (RECEIVE, int); True once it has ``min_bytes``."""
@@ -455,21 +592,41 @@ class StepMachine:
         if self._rest and self._rate is not None:
             resume = max(resume, self._next_send)
         if resume > now:
-            self._until = resume
             self._action = Wait(resume)
             return
         if self._rest:
             self._send_slice(now)
         else:
-            self._rest = None
+            self._rest = self._sent_root = None
             self._next_step(now)
 
+    def _refuse_plaintext(self) -> None:
+        """Bytes unread at a handshake came in plaintext before TLS: flag and discard them."""
+        buffer = self._buffer
+        if buffer:
+            self.record.failure = self.record.failure or (
+                f"step {self._index} (StartTLS): {len(buffer)} bytes arrived in plaintext "
+                f"before the TLS handshake (STARTTLS command injection, CVE-2011-0411): "
+                f"{bytes(buffer[:200])!r}; they were discarded"
+            )
+            self._discard_buffer()
+
+    def _discard_buffer(self) -> None:
+        self.record.discarded += len(self._buffer)
+        self._buffer.clear()
+
+    # ---- the end ------------------------------------------------------------------------------
+
     def _end_early(self, outcome: Outcome, why: str, now: float, *, failed: bool = False) -> None:
-        """End before the script ran out, keeping the bytes of an unfinished receive step."""
-        if isinstance(self._action, Done):
+        """End before the script ran out, keeping the bytes of an unfinished receive step.
+
+        After the script has ended (while closing), a report like this only closes at once.
+        """
+        if self._phase != _RUNNING:
+            if self._phase in (_SHUTTING, _DRAINING):
+                self._close(reset=False)
             return
         step = self._step
-        failure = None
         if isinstance(step, ReadStep):
             partial = bytes(self._step_bytes) + self.record.keep(bytes(self._buffer))
             self._step_bytes.clear()
@@ -479,12 +636,48 @@ class StepMachine:
             if step.must_match:
                 failed = True
                 why = f"{why} before the pattern matched; this step got {partial[-200:]!r}"
-        if failed:
-            failure = f"step {self._index} ({self._label()}): {why}"
+        if failed and self.record.failure is None:
+            self.record.failure = f"step {self._index} ({self._label()}): {why}"
         self.record.detail = why
-        self._finish(outcome, failure, now)
+        self._end_script(outcome, now)
 
-    def _finish(self, outcome: Outcome, failure: str | None, now: float) -> None:
-        self._action = Done(outcome)
-        self._view = self._rest = None
-        self.record.end(outcome, failure, now, self._index)
+    def _end_script(self, outcome: Outcome, now: float) -> None:
+        """The script is over: close the way ``outcome`` asks (see the module docstring)."""
+        self._outcome = outcome
+        self._view = self._rest = self._sent_root = None
+        self._search_due = None
+        self._discard_buffer()
+        if outcome not in _GRACEFUL:
+            self._close(reset=outcome is Outcome.RESET)
+        elif self.record.half_closed:
+            self._drain(now)
+        else:
+            self._phase = _SHUTTING
+            self._action = ShutdownWrite(outcome is not Outcome.TRUNCATED, now + DRAIN_SECONDS)
+
+    def _drain(self, now: float) -> None:
+        """The FIN is out: the record ends, and the peer's last bytes are read and dropped."""
+        self._end_record(now)
+        self._phase = _DRAINING
+        self._drain_until = now + DRAIN_SECONDS
+        self._action = Receive(self._drain_until)
+
+    def _close(self, *, reset: bool) -> None:
+        self._phase = _CLOSING
+        self._action = Close(reset)
+
+    def _end_record(self, now: float) -> None:
+        self.record.end(self._outcome, None, now, self._index)
+
+
+_SILENCE = {
+    Receive: "no data arrived",
+    Send: "the peer took none of the data",
+    Handshake: "the TLS handshake did not finish",
+    ShutdownWrite: "the peer took none of the data",
+}
+_CLOSING_WORDS = {
+    _SHUTTING: "ended: shutting down the sending side",
+    _DRAINING: "ended: draining until the peer closes",
+    _CLOSING: "ended: closing the socket",
+}

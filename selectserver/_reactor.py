@@ -2,48 +2,64 @@
 
 Each pass of the loop (asyncio's ``_run_once``, trio's ``unrolled_run``):
 
-1. ``select`` with a timeout of 0 if commands wait, else until the next timer (or forever);
-2. dispatch each ready socket to its handler (a listener or a connection);
+1. ``select`` with a timeout of 0 if work waits, else until the next timer, never longer than
+   :data:`MAX_SELECT_SECONDS` (a longer wait is many short ones);
+2. dispatch each ready socket to its handler (a listener or a connection), then the handlers
+   that asked to come back (:meth:`Reactor.call_soon`: one that used up its turn);
 3. fire the timers that are due;
 4. run the commands queued before this pass (open a server, close one).
 
 Other threads talk to the reactor only through :meth:`Reactor.submit`: a command goes into a
-deque under a lock, and one byte on a socketpair wakes the selector (trio's wakeup socketpair).
-Every handler runs inside its own ``try``: an exception ends that one connection or listener and
-is recorded for ``check()``; it never stops the loop. If the loop itself fails, the error is kept,
-every server's log says so, and all sockets are closed, so no caller waits forever.
+deque and one byte on a socketpair wakes the selector (trio's wakeup socketpair). No lock is
+taken, so ``submit`` works from a signal handler that interrupted any thread and from a
+finalizer the garbage collector runs on the reactor thread itself.
+
+The loop is guarded: a handler, timer or command that raises ends only what it belongs to (a
+connection, a listener, a server), and the failure reaches that server's ``check()``. A file
+the selector rejects costs its handler. If the loop itself fails (a bug), the error is kept,
+every server's ``check()``/``close()`` raises it, and all sockets are closed, so no caller
+waits forever.
 
 The default reactor starts with the first server and stops, closing its thread and file
 descriptors, when the last server closes; the next server starts a new one. A reactor built by
-hand (say, on ``selectors.SelectSelector`` for tests) runs until :meth:`Reactor.close`.
+hand (say, on ``selectors.SelectSelector`` for tests) runs from :meth:`Reactor.start` until
+:meth:`Reactor.close`. A process forked while reactors run gets none of their threads: in the
+child, their servers' sockets are closed (without touching the parent's connections) and the
+child's first server starts a fresh default reactor.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import socket
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import _output
+from ._records import Latch
 from ._timers import TimerHeap
 
-__all__ = ["Reactor", "ReactorStatistics", "attach", "statistics"]
+__all__ = ["MAX_SELECT_SECONDS", "Reactor", "ReactorStatistics", "attach", "statistics"]
 
 logger = logging.getLogger("selectserver")
 
-#: bytes one recv() may take: more than a TLS record (16 KiB), so one recv takes a record
+#: bytes one recv() may take: more than a TLS record (16 KiB)
 RECV_BUFFER_SIZE = 256 * 1024
+#: the longest one select() waits (selectors raise OverflowError past a platform limit)
+MAX_SELECT_SECONDS = 60.0
 
 
 class Handler(Protocol):
     """What the reactor dispatches to: a listener or a connection."""
 
-    def on_event(self, mask: int) -> None: ...
+    def on_event(self) -> None: ...
     def on_timer(self, now: float, when: float) -> None: ...
     def crash(self, exc: BaseException) -> None: ...
 
@@ -51,7 +67,8 @@ class Handler(Protocol):
 class ServerHandle(Protocol):
     """What the reactor needs of a server (a ``Listener``)."""
 
-    closed: threading.Event | None  # made by a closer before it asks for the removal
+    closed: Latch | None  # made by a closer before it asks for the removal
+    name: str
 
     @property
     def connections(self) -> Collection[object]:
@@ -60,6 +77,7 @@ class ServerHandle(Protocol):
     def attach(self, reactor: Reactor) -> None: ...
     def close(self, now: float) -> None: ...
     def crash(self, exc: BaseException) -> None: ...
+    def drop_sockets(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +90,11 @@ class ReactorStatistics:
     registered: int
     """File objects in the selector, including the reactor's wake-up socket."""
     timers: int
-    """Timer entries in the heap (some may be stale: they are dropped when due)."""
+    """Armed timers (at most one per connection or listener)."""
     thread_name: str | None
+
+
+_Command = Callable[[bool], None]  # called with whether the reactor is alive
 
 
 class Reactor:
@@ -93,25 +114,27 @@ class Reactor:
         """
         self._selector = selector_factory()
         self._timers: TimerHeap[Handler] = TimerHeap()
-        self._forgotten: set[Handler] = set()  # closed handlers whose timers may remain
+        self._ready: deque[Handler] = deque()  # handlers that come back in the next pass
         self._servers: set[ServerHandle] = set()
         self._closing: list[ServerHandle] = []  # closed this pass; their closers wait
-        self._lock = threading.Lock()
-        self._commands: deque[Callable[[], None]] = deque()
-        self._closed = False  # under _lock: no more commands accepted
-        self._woken = False  # under _lock: a wake-up byte is on its way
+        self._commands: deque[_Command] = deque()
+        self._closed = False  # no more commands accepted
+        self._released = False  # the selector and socketpair are closed
         self._stop_when_idle = stop_when_idle
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name="selectserver-reactor", daemon=True)
+        self._current: object = None  # the handler or command running now, for close() errors
         self.error: BaseException | None = None
         self._buffer: memoryview | None = None
+        _reactors.add(self)
 
     def __repr__(self) -> str:
-        state = "stopped" if self._closed else "running" if self._thread.is_alive() else "new"
-        return f"<Reactor {type(self._selector).__name__} {state}, {len(self._servers)} servers>"
+        return (
+            f"<Reactor {type(self._selector).__name__} {self.state}, {len(self._servers)} servers>"
+        )
 
     # ---- any thread ---------------------------------------------------------------------------
 
@@ -120,33 +143,69 @@ class Reactor:
         self._thread.start()
 
     @property
+    def state(self) -> str:
+        """``new`` (never started), ``running`` or ``stopped``."""
+        if self._thread.ident is None and not self._closed:
+            return "new"
+        return "running" if self._thread.is_alive() and not self._closed else "stopped"
+
+    @property
     def thread(self) -> threading.Thread:
         """The reactor's thread."""
         return self._thread
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` was called."""
+        return self._thread.ident is not None
 
     @property
     def stopping(self) -> bool:
         """Whether the reactor takes no more commands (it has stopped or is stopping)."""
         return self._closed
 
+    def doing(self) -> str:
+        """What the reactor thread is busy with now, in words (for errors about waits)."""
+        current = self._current
+        if not self._thread.is_alive():
+            return "its thread has stopped"
+        if current is None:
+            return "it is waiting in select()"
+        describe = getattr(current, "describe_work", None)
+        return f"it is busy with {describe() if describe is not None else 'a command'}"
+
     def submit(self, command: Callable[[], None]) -> bool:
-        """Queue ``command`` to run on the reactor thread; False if the reactor has stopped."""
-        with self._lock:
-            if self._closed:
+        """Queue ``command`` to run on the reactor thread; False if the reactor has stopped.
+
+        Takes no lock: safe from a signal handler and from the reactor thread itself.
+        """
+        return self._submit(lambda alive: command() if alive else None)
+
+    def _submit(self, command: _Command) -> bool:
+        if self._closed:
+            return False
+        commands = self._commands
+        commands.append(command)
+        if self._stopped_meanwhile():  # take the command back if we can
+            try:
+                commands.remove(command)
+            except ValueError:
+                pass  # the reactor took it: it runs (told whether the reactor is alive)
+            else:
                 return False
-            self._commands.append(command)
-            if self._woken:
-                return True
-            self._woken = True
         try:
             self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # a byte is already waiting, or the reactor is shutting down
+        except OSError:
+            pass  # a byte already waits (the pipe is full), or the reactor is shutting down
         return True
+
+    def _stopped_meanwhile(self) -> bool:
+        """Read ``_closed`` again (another thread may have set it since the first look)."""
+        return self._closed
 
     def add_server(self, server: ServerHandle) -> bool:
         """Start serving ``server`` on this reactor; False if the reactor has stopped."""
-        return self.submit(lambda: self._add_server(server))
+        return self._submit(lambda alive: self._add_server(server, alive))
 
     def remove_server(self, server: ServerHandle) -> bool:
         """Close ``server`` and all its connections on the reactor thread.
@@ -155,45 +214,79 @@ class Reactor:
         reactor has decided whether to stop. False if the reactor has stopped (its sockets are
         then already closed).
         """
-        return self.submit(lambda: self._remove_server(server))
+        return self._submit(lambda alive: self._remove_server(server))
 
-    def close(self) -> None:
-        """Close every server and stop the thread; returns once it has stopped."""
-        self.submit(self._stop)
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join()
+    def close(self, timeout: float | None = None) -> None:
+        """Close every server and stop the thread; returns once it has stopped.
 
-    def join(self) -> None:
+        A reactor that was never started just releases its selector and socketpair.
+
+        Raises:
+            TimeoutError: the thread did not stop within ``timeout`` seconds.
+        """
+        if not self.started:
+            self._closed = True
+            self._shut_down()
+            return
+        self._submit(self._stop)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"{self!r} did not stop within {timeout} s: {self.doing()}")
+
+    def join(self, timeout: float | None = None) -> None:
         """Wait for a stopping reactor's thread to end (it has closed its sockets by then)."""
         if self._thread.ident is not None and threading.current_thread() is not self._thread:
-            self._thread.join()
+            self._thread.join(timeout)
 
     def statistics(self) -> ReactorStatistics:
         """What the reactor holds now (read from any thread; approximate while it runs)."""
         servers = list(self._servers)
-        selector_map = self._selector.get_map()  # None once the selector is closed
-        registered = len(selector_map) if selector_map is not None else 0
+        try:
+            selector_map = self._selector.get_map()  # None once the selector is closed
+            registered = len(selector_map) if selector_map is not None else 0
+        except (RuntimeError, ValueError):
+            registered = 0
+        running = self._thread.is_alive()
         return ReactorStatistics(
-            running=self._thread.is_alive(),
+            running=running,
             servers=len(servers),
             connections=sum(len(server.connections) for server in servers),
             registered=registered,
             timers=len(self._timers),
-            thread_name=self._thread.name if self._thread.is_alive() else None,
+            thread_name=self._thread.name if running else None,
         )
 
     # ---- reactor thread only ------------------------------------------------------------------
 
     def update_interest(self, fileobj: socket.socket, handler: Handler, old: int, new: int) -> None:
-        """Change what ``fileobj`` is registered for, from ``old`` to ``new`` (0: nothing)."""
+        """Change what ``fileobj`` is registered for, from ``old`` to ``new`` (0: nothing).
+
+        If the selector refuses, ``fileobj`` ends up not registered at all (a selector may drop
+        a key itself when ``modify`` fails) and the error is raised for its handler.
+        """
         if new == old:
             return
-        if not old:
-            self._selector.register(fileobj, new, handler)
-        elif not new:
-            self._selector.unregister(fileobj)
-        else:
-            self._selector.modify(fileobj, new, handler)
+        selector = self._selector
+        try:
+            if not old:
+                selector.register(fileobj, new, handler)
+            elif not new:
+                selector.unregister(fileobj)
+            else:
+                selector.modify(fileobj, new, handler)
+        except BaseException:
+            if new:
+                self._unregister_quietly(fileobj)
+            raise
+
+    def is_registered(self, fileobj: socket.socket) -> bool:
+        """Whether ``fileobj`` is in the selector."""
+        try:
+            self._selector.get_key(fileobj)
+        except (KeyError, ValueError, RuntimeError):
+            return False
+        return True
 
     def receive_buffer(self) -> memoryview:
         """Where this reactor's connections receive (only its thread uses it).
@@ -204,25 +297,28 @@ class Reactor:
             self._buffer = memoryview(bytearray(RECV_BUFFER_SIZE))
         return self._buffer
 
-    def call_at(self, when: float, handler: Handler) -> None:
-        """Call ``handler.on_timer(now, when)`` once ``time.monotonic()`` reaches ``when``."""
-        self._timers.push(when, handler)
+    def call_at(self, when: float, handler: Handler) -> list[object]:
+        """Call ``handler.on_timer(now, when)`` once ``time.monotonic()`` reaches ``when``.
 
-    def forget_timers(self, handler: Handler) -> None:
-        """``handler`` is closed: its armed timers may go (in bulk, once they are many).
-
-        Without this a closed connection's deadline stays in the heap, holding the
-        connection, until it is due: at a few thousand connections a second and a 30 s
-        timeout, that is a hundred thousand dead connections kept alive.
+        Returns the timer, for :meth:`cancel`.
         """
-        forgotten = self._forgotten
-        forgotten.add(handler)
-        if len(forgotten) >= max(64, len(self._timers) // 4):
-            self._timers.discard(forgotten)
-            forgotten.clear()
+        return self._timers.push(when, handler)
 
-    def _add_server(self, server: ServerHandle) -> None:
+    def cancel(self, timer: list[object]) -> None:
+        """Drop a timer :meth:`call_at` armed (a fired one is ignored)."""
+        self._timers.cancel(timer)
+
+    def call_soon(self, handler: Handler) -> None:
+        """Call ``handler.on_event()`` in the next pass, after everyone else's turn."""
+        self._ready.append(handler)
+
+    def _add_server(self, server: ServerHandle, alive: bool) -> None:
+        if not alive:
+            server.crash(RuntimeError("the reactor stopped before it could serve this server"))
+            server.close(time.monotonic())
+            return
         self._servers.add(server)
+        self._current = server
         try:
             server.attach(self)
         except Exception as exc:
@@ -231,11 +327,15 @@ class Reactor:
     def _remove_server(self, server: ServerHandle) -> None:
         self._servers.discard(server)
         self._closing.append(server)
-        server.close(time.monotonic())
+        self._current = server
+        try:
+            server.close(time.monotonic())
+        except Exception as exc:
+            server.crash(exc)
+            server.drop_sockets()
 
-    def _stop(self) -> None:
-        with self._lock:
-            self._closed = True
+    def _stop(self, alive: bool) -> None:
+        self._closed = True
 
     def _run(self) -> None:
         try:
@@ -243,70 +343,123 @@ class Reactor:
                 self._run_once()
         except BaseException as exc:
             self.error = exc
-            logger.critical("selectserver reactor failed", exc_info=exc)
+            _output.log(logging.CRITICAL, "selectserver reactor failed", exc_info=exc)
         finally:
             self._shut_down()
 
     def _run_once(self) -> None:
-        timeout: float | None = 0.0
-        if not self._commands:
+        timeout = 0.0
+        if not self._commands and not self._ready:
             deadline = self._timers.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        for key, mask in self._selector.select(timeout):
+            timeout = (
+                MAX_SELECT_SECONDS
+                if deadline is None
+                else min(MAX_SELECT_SECONDS, max(0.0, deadline - time.monotonic()))
+            )
+        self._current = None
+        try:
+            events = self._selector.select(timeout)
+        except (OSError, ValueError) as exc:
+            self._drop_bad_files(exc)
+            events = []
+        for key, _ in events:
             handler = key.data
             if handler is None:
                 self._drain_wakeups()
-                continue
-            try:
-                handler.on_event(mask)
-            except Exception as exc:
-                handler.crash(exc)
+            else:
+                self._dispatch(handler)
+        for _ in range(len(self._ready)):
+            self._dispatch(self._ready.popleft())
         if self._timers:
             now = time.monotonic()
             for when, handler in self._timers.pop_due(now):
+                self._current = handler
                 try:
                     handler.on_timer(now, when)
                 except Exception as exc:
-                    handler.crash(exc)
+                    self._crash(handler, exc)
         if self._commands:
-            with self._lock:
-                batch = list(self._commands)
-                self._commands.clear()
-                self._woken = False
-            for command in batch:
-                try:
-                    command()
-                except Exception:
-                    logger.exception("selectserver: a reactor command failed")
-            if self._closing:
-                self._release_closed()
+            self._run_commands()
+
+    def _dispatch(self, handler: Handler) -> None:
+        self._current = handler
+        try:
+            handler.on_event()
+        except Exception as exc:
+            self._crash(handler, exc)
+
+    def _crash(self, handler: Handler, exc: BaseException) -> None:
+        try:
+            handler.crash(exc)
+        except Exception as again:  # a bug in crash itself: log it, keep the loop
+            _output.log(logging.ERROR, "selectserver: crash handling failed", exc_info=again)
+
+    def _run_commands(self) -> None:
+        commands = self._commands
+        for _ in range(len(commands)):
+            command = commands.popleft()
+            self._current = command
+            try:
+                command(True)
+            except Exception as exc:  # a bug: _add_server/_remove_server guard the servers
+                _output.log(logging.ERROR, "selectserver: a reactor command failed", exc_info=exc)
+        if self._closing:
+            self._release_closed()
 
     def _release_closed(self) -> None:
         """Tell closers their servers are closed, after deciding whether to stop when idle.
 
         The decision comes first so that ``close()`` of the last server can wait for the
-        stop (and so count no reactor thread or descriptor left behind).
+        stop (and so count no reactor thread or descriptor left behind). A submitter that
+        raced with the decision either sees the stop and takes its command back, or its
+        command is seen here and the reactor goes on.
         """
         if self._stop_when_idle and not self._servers:
-            with self._lock:
-                if not self._commands:
-                    self._closed = True
+            self._closed = True
+            if self._commands:
+                self._closed = False
         closing, self._closing = self._closing, []
         for server in closing:
             _release(server)
+
+    def _drop_bad_files(self, exc: BaseException) -> None:
+        """select() failed: crash the handlers whose files are closed or invalid.
+
+        A user may close a socket the reactor holds (or a file descriptor number may be past
+        what ``SelectSelector`` takes). If no such file is found, the error is a bug: raise it.
+        """
+        bad = []
+        for key in list(self._selector.get_map().values()):
+            try:
+                fd = key.fileobj.fileno() if not isinstance(key.fileobj, int) else key.fileobj
+                if fd < 0:
+                    raise ValueError("closed")
+                os.fstat(fd)
+            except (OSError, ValueError):
+                bad.append(key)
+        if not bad:
+            raise exc
+        for key in bad:
+            self._unregister_quietly(key.fileobj)
+            if key.data is not None:
+                self._crash(key.data, exc)
+
+    def _unregister_quietly(self, fileobj: object) -> None:
+        try:
+            self._selector.unregister(fileobj)  # type: ignore[arg-type]
+        except (KeyError, ValueError, OSError):
+            pass
 
     def _drain_wakeups(self) -> None:
         try:
             while self._wake_r.recv(4096):
                 pass
-        except (BlockingIOError, InterruptedError):
+        except OSError:
             pass
 
     def _shut_down(self) -> None:
         """Close everything, whatever state the loop died in, and release every waiter."""
-        with self._lock:
-            self._closed = True
-            self._commands.clear()
+        self._closed = True
         now = time.monotonic()
         for server in self._closing + list(self._servers):
             try:
@@ -314,15 +467,45 @@ class Reactor:
                     server.crash(self.error)
                 server.close(now)
             except Exception:
-                logger.exception("selectserver: closing a server failed")
+                server.drop_sockets()
             _release(server)
         self._servers.clear()
         self._closing.clear()
+        # Commands that came too late: told the reactor is gone, so each releases its server.
+        while self._commands:
+            try:
+                self._commands.popleft()(False)
+            except Exception:
+                pass
+        for server in self._closing:
+            _release(server)
+        self._closing.clear()
         self._timers.clear()
-        self._forgotten.clear()
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._ready.clear()
+        self._release_files()
+
+    def _release_files(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        for close in (self._selector.close, self._wake_r.close, self._wake_w.close):
+            try:
+                close()
+            except OSError:
+                pass
+
+    def _after_fork_in_child(self) -> None:
+        """This is a forked child: the thread is gone. Release what the child inherited."""
+        self._closed = True
+        for server in self._closing + list(self._servers):
+            server.drop_sockets()
+            _release(server)
+        self._servers.clear()
+        self._closing.clear()
+        self._commands.clear()
+        self._timers.clear()
+        self._ready.clear()
+        self._release_files()
 
 
 def _release(server: ServerHandle) -> None:
@@ -334,7 +517,9 @@ def _release(server: ServerHandle) -> None:
 # ---- the default reactor --------------------------------------------------------------------
 
 _default: Reactor | None = None
-_default_lock = threading.Lock()
+# Re-entrant: a signal handler that makes a server while its thread is inside attach().
+_default_lock = threading.RLock()
+_reactors: weakref.WeakSet[Reactor] = weakref.WeakSet()
 
 
 def attach(server: ServerHandle) -> Reactor:
@@ -356,3 +541,15 @@ def statistics() -> ReactorStatistics:
     if reactor is None:
         return ReactorStatistics(False, 0, 0, 0, 0, None)
     return reactor.statistics()
+
+
+def _after_fork_in_child() -> None:
+    global _default, _default_lock
+    _default = None
+    _default_lock = threading.RLock()
+    for reactor in list(_reactors):
+        reactor._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

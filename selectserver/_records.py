@@ -2,23 +2,58 @@
 
 The reactor thread writes these records while tests read them from their own threads. Each
 record is appended to or replaced whole (list appends, attribute stores), which is safe under the
-GIL; waiting for connections to end goes through one ``threading.Condition`` per server.
+GIL. A thread waiting for connections to end parks on a lock of its own that the reactor
+releases: the reactor never waits for a lock that a test thread (or a signal handler
+interrupting one) may hold.
 """
 
 from __future__ import annotations
 
+import _thread
 import enum
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_MAX_RECEIVE", "ConnectionRecord", "Outcome", "ServerLog"]
+__all__ = ["DEFAULT_MAX_RECEIVE", "ConnectionRecord", "Latch", "Outcome", "ServerLog"]
 
-_CONDITION_LOCK = threading.Lock()  # makes each ServerLog's Condition exactly once
+_WAITERS_LOCK = threading.Lock()  # makes each ServerLog's waiter list once (waiters only)
 
 #: What one connection's record keeps of the bytes it received, unless told otherwise.
 DEFAULT_MAX_RECEIVE = 64 * 1024 * 1024
+
+
+class Latch:
+    """A one-shot event whose :meth:`set` never blocks (``threading.Event.set`` takes a lock
+    that a waiter, interrupted by a signal handler, may hold)."""
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            try:
+                self._lock.release()
+            except RuntimeError:
+                pass  # released by another set() just now
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until set (True) or ``timeout`` seconds pass (False)."""
+        if self._set:
+            return True
+        limit = threading.TIMEOUT_MAX if timeout is None else min(timeout, threading.TIMEOUT_MAX)
+        if self._lock.acquire(timeout=max(limit, 0.0)):
+            self._lock.release()  # pass it on to the next waiter
+        return self._set
 
 
 class Outcome(enum.Enum):
@@ -68,6 +103,8 @@ class ConnectionRecord:
         step: the index of the script step running now, or the one where it ended.
         half_closed: whether the script shut down the sending side (``HALF_CLOSE``).
         tls: whether a TLS session was established.
+        peer_certificate: the client's certificate (``getpeercert()``), if it sent one that
+            the server's context verified; None otherwise.
         discarded: bytes read and thrown away (during ``STALL`` and the drain after the end).
         dropped: bytes received but not kept because of ``max_receive``.
         max_receive: how many received bytes this record keeps at most.
@@ -84,12 +121,13 @@ class ConnectionRecord:
     step: int = 0
     half_closed: bool = False
     tls: bool = False
+    peer_certificate: dict[str, object] | None = None
     discarded: int = 0
     dropped: int = 0
     max_receive: int = DEFAULT_MAX_RECEIVE
     kept: int = field(default=0, repr=False)
     bytes_sent: int = field(default=0, repr=False)
-    _sent: list[memoryview] = field(default_factory=list, repr=False)
+    _sent: list[memoryview] = field(default_factory=list, repr=False)  # one view per send step
     _on_received: Callable[[bytes], None] | None = field(default=None, repr=False)
     _on_end: Callable[[ConnectionRecord], None] | None = field(default=None, repr=False)
     _describe: Callable[[], str] | None = field(default=None, repr=False)
@@ -126,17 +164,27 @@ class ConnectionRecord:
         if self._on_received is not None:
             self._on_received(data)
 
-    def add_sent(self, data: memoryview) -> None:
-        """The peer's socket took ``data`` (kept as a view: large payloads are not copied)."""
-        self._sent.append(data)
-        self.bytes_sent += len(data)
+    def add_sent(self, data: memoryview, *, extend: bool = False) -> None:
+        """The peer's socket took ``data``: a view of a send step's payload, never copied.
+
+        With ``extend``, ``data`` is the same step's sent part so far, replacing the last view:
+        a step sent in many slices keeps one view.
+        """
+        sent = self._sent
+        if extend and sent:
+            self.bytes_sent += len(data) - len(sent[-1])
+            sent[-1] = data
+        else:
+            sent.append(data)
+            self.bytes_sent += len(data)
 
     def end(self, outcome: Outcome, failure: str | None, now: float, step: int) -> None:
-        """The connection ended."""
+        """The connection ended (a ``failure`` noted earlier is kept)."""
         if self.outcome is not None:
             return
         self.step = step
-        self.failure = failure
+        if failure is not None:
+            self.failure = failure
         self.ended_at = now
         self.outcome = outcome
         if self._on_end is not None:
@@ -164,10 +212,10 @@ class ServerLog:
     """Everything one server saw: its connections, received bytes and failures."""
 
     __slots__ = (
-        "_condition",
         "_ended",
         "_extra_on_end",
         "_extra_on_received",
+        "_waiters",
         "connections",
         "failures",
         "max_receive",
@@ -184,10 +232,9 @@ class ServerLog:
         self.received: list[bytes] = []
         self.connections: list[ConnectionRecord] = []
         self.failures: list[str] = []
-        self._ended = 0  # how many connections have ended
-        # Made by the first waiter: most servers are never waited on, and a Condition is
-        # a third of an idle server's memory and a Python-level notify per connection.
-        self._condition: threading.Condition | None = None
+        self._ended: list[ConnectionRecord] = []  # in the order they ended
+        # Made by the first waiter: most servers are never waited on.
+        self._waiters: list[_thread.LockType] | None = None
         self._extra_on_received = on_received
         self._extra_on_end = on_end
 
@@ -210,19 +257,38 @@ class ServerLog:
         self._wake()
 
     def _wake(self) -> None:
-        """Wake the waiters, if any. Callers change state first: a waiter that makes the
-        Condition after our check still sees the change when it tests its predicate.
+        """Wake the waiters, if any, without blocking. Callers change state first: a waiter
+        that registers after our look tests its predicate again once registered.
         """
-        condition = self._condition
-        if condition is not None:
-            with condition:
-                condition.notify_all()
+        waiters = self._waiters
+        while waiters:
+            try:
+                waiters.pop().release()
+            except IndexError:
+                return  # another wake took the last one
 
-    def _waitable(self) -> threading.Condition:
-        with _CONDITION_LOCK:
-            if self._condition is None:
-                self._condition = threading.Condition()
-            return self._condition
+    def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``done()`` holds (True) or ``timeout`` seconds pass (False)."""
+        if self._waiters is None:
+            with _WAITERS_LOCK:
+                if self._waiters is None:
+                    self._waiters = []
+        waiters = self._waiters
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            lock = _thread.allocate_lock()
+            lock.acquire()
+            waiters.append(lock)
+            if done():
+                break
+            left = threading.TIMEOUT_MAX if deadline is None else deadline - time.monotonic()
+            if left <= 0 or not lock.acquire(timeout=min(left, threading.TIMEOUT_MAX)):
+                try:
+                    waiters.remove(lock)
+                except ValueError:
+                    pass  # a wake took it just now
+                return done()
+        return True
 
     def _received(self, data: bytes) -> None:
         self.received.append(data)
@@ -230,7 +296,7 @@ class ServerLog:
             self._extra_on_received(data)
 
     def _end(self, record: ConnectionRecord) -> None:
-        self._ended += 1
+        self._ended.append(record)
         self._wake()
         if self._extra_on_end is not None:
             self._extra_on_end(record)
@@ -238,22 +304,29 @@ class ServerLog:
     def wait_for_connections(self, n: int, timeout: float | None) -> list[ConnectionRecord]:
         """Block until ``n`` connections have ended; return the first ``n`` to end.
 
-        They are returned in accept order. Raises ``TimeoutError`` saying what each unfinished
-        connection still waits for, or how many connections never arrived.
+        They are returned in the order they ended, each with its ``outcome`` set. Raises
+        ``TimeoutError`` saying what each unfinished connection still waits for, or how many
+        connections never arrived.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"wait_for_connections: n must be an int >= 0, got {n!r}")
+        if n < 0:
             raise ValueError(f"wait_for_connections: n must be an int >= 0, got {n!r}")
-        condition = self._waitable()
-        with condition:
-            if not condition.wait_for(lambda: self._ended >= n, timeout):
-                raise TimeoutError(self._describe_wait(n, timeout))
-        ended = [record for record in list(self.connections) if record.ended_at is not None]
-        first = sorted(ended, key=lambda record: (record.ended_at, record.index))[:n]
-        return sorted(first, key=lambda record: record.index)
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not timeout >= 0  # NaN too
+        ):
+            raise ValueError(
+                f"wait_for_connections: timeout must be a number >= 0 or None, got {timeout!r}"
+            )
+        if not self._wait(lambda: len(self._ended) >= n, timeout):
+            raise TimeoutError(self._describe_wait(n, timeout))
+        return self._ended[:n]
 
     def _describe_wait(self, n: int, timeout: float | None) -> str:
         lines = [
-            f"{self._ended} of {n} connections ended within {timeout} s "
+            f"{len(self._ended)} of {n} connections ended within {timeout} s "
             f"({len(self.connections)} accepted)"
         ]
         lines += [

@@ -17,10 +17,12 @@ Every user step compiles to one of five shapes, so the step machine has one path
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import random
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Union
@@ -231,6 +233,11 @@ class Garbage:
 
     def __post_init__(self) -> None:
         _check_count("Garbage", "n", self.n, 0)
+        if self.n > MAX_GARBAGE:
+            raise ValueError(
+                f"Garbage: n must be <= {MAX_GARBAGE} (64 MiB; use several steps for more), "
+                f"got {self.n!r}"
+            )
         _check_seed("Garbage", self.seed)
 
     @property
@@ -276,6 +283,9 @@ class ReadStep:
     min_bytes: int = 0
     delimiter: bytes | None = None
     regex: re.Pattern[bytes] | None = None
+    max_width: int | None = None
+    """The longest match ``regex`` can make, when that is known (the search can then skip
+    what an earlier search already covered)."""
 
     @property
     def must_match(self) -> bool:
@@ -288,7 +298,7 @@ class SendStep:
     """Send ``data``: whole (``chunk`` None) or in ``chunk``-byte slices ``interval`` apart."""
 
     label: str
-    data: bytes | bytearray | memoryview  # the caller's buffer, never copied
+    data: bytes | memoryview  # the caller's buffer if immutable; a copy of a mutable one
     chunk: int | None = None
     interval: float = 0.0
     jitter: float = 0.0
@@ -303,9 +313,57 @@ _EXPECTED = (
 )
 
 
+#: The most bytes one Garbage step makes.
+MAX_GARBAGE = 64 * 1024 * 1024
+LABEL_LENGTH = 60
+
+
 def _label(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """A short repr of a step, built from bounded pieces whatever the payload's size."""
+    if isinstance(value, memoryview):
+        text = f"memoryview({bytes(value[:LABEL_LENGTH])!r})"
+    elif isinstance(value, (str, bytes, bytearray)):
+        text = repr(value[:LABEL_LENGTH])
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = ", ".join(
+            f"{f.name}={_label(getattr(value, f.name))}"
+            for f in dataclasses.fields(value)
+            if f.repr
+        )
+        text = f"{type(value).__name__}({fields})"
+    elif isinstance(value, re.Pattern):
+        text = f"re.compile({_label(value.pattern)})"
+    elif isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) > 8:
+        text = f"<{type(value).__name__} of {len(value)} items>"
+    else:
+        text = repr(value)
+    return text if len(text) <= LABEL_LENGTH else text[: LABEL_LENGTH - 3] + "..."
+
+
+def _immutable(data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """``data`` itself if nobody can change it later, else a copy made once."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, memoryview) and data.readonly:
+        return data
+    return bytes(data)
+
+
+def _match_width(regex: re.Pattern[bytes]) -> int | None:
+    """The longest match ``regex`` can make, or None if unbounded or not known.
+
+    A lookahead can depend on bytes past the match, so such a pattern counts as unbounded.
+    """
+    source = regex.pattern
+    if any(marker in source for marker in (b"(?=", b"(?!", b"(?(")):
+        return None
+    try:
+        from re import _parser  # type: ignore[attr-defined]
+
+        width = _parser.parse(source, regex.flags).getwidth()[1]
+    except Exception:  # a private module: any change in it only costs speed
+        return None
+    return width if isinstance(width, int) and width < sys.maxsize else None
 
 
 def _compile_step(value: object) -> Step:
@@ -322,17 +380,17 @@ def _compile_step(value: object) -> Step:
     if isinstance(value, str):
         return SendStep(_label(value), value.encode("utf-8"))
     if isinstance(value, (bytes, bytearray)):
-        return SendStep(_label(value), value)
+        return SendStep(_label(value), _immutable(value))
     if isinstance(value, memoryview):
         if not value.c_contiguous:
             return SendStep(_label(value), value.tobytes())  # socket.send() needs contiguity
         if value.format != "B" or value.ndim != 1:
             value = value.cast("B")
-        return SendStep(_label(value), value)
+        return SendStep(_label(value), _immutable(value))
     if isinstance(value, ReadUntil):
         return ReadStep(_label(value), delimiter=value.delimiter)
     if isinstance(value, Expect):
-        return ReadStep(_label(value), regex=value.regex)
+        return ReadStep(_label(value), regex=value.regex, max_width=_match_width(value.regex))
     if isinstance(value, Drip):
         return SendStep(
             _label(value),
@@ -386,7 +444,7 @@ def compile_script(
         else:
             raise TypeError(f"{name} must be a list of steps or a str/bytes, got {commands!r}")
     steps: list[Step] = []
-    started_tls = False
+    started_tls = half_closed = False
     for index, value in enumerate(commands):
         try:
             step = _compile_step(value)
@@ -397,7 +455,8 @@ def compile_script(
                     raise ValueError("TLS is already started by an earlier StartTLS")
                 started_tls = True
             for part in _expand(step):
-                _check_order(steps, part)
+                _check_order(steps, part, half_closed)
+                half_closed = half_closed or part is Command.HALF_CLOSE
                 steps.append(part)
         except (TypeError, ValueError) as exc:
             # Not type(exc): subclasses such as UnicodeEncodeError take other arguments.
@@ -411,11 +470,11 @@ def compile_script(
 _FINAL = (Command.HANGUP, Command.RESET, Command.STALL, Command.TRUNCATE)
 
 
-def _check_order(before: list[Step], step: Step) -> None:
+def _check_order(before: list[Step], step: Step, half_closed: bool) -> None:
     """Reject a step that could never run, or could not work, after the ones ``before``."""
     if before and isinstance(before[-1], Command) and before[-1] in _FINAL:
         raise ValueError(f"no step can follow {before[-1]!r}: it ends the connection")
-    if isinstance(step, SendStep) and Command.HALF_CLOSE in before:
+    if isinstance(step, SendStep) and half_closed:
         raise ValueError("cannot send after HALF_CLOSE shut the sending side")
-    if step is Command.HALF_CLOSE and Command.HALF_CLOSE in before:
+    if step is Command.HALF_CLOSE and half_closed:
         raise ValueError("the sending side is already shut by an earlier HALF_CLOSE")

@@ -14,19 +14,22 @@ from __future__ import annotations
 import abc
 import asyncio
 import errno
+import itertools
 import math
 import os
 import socket
 import ssl
+import stat
 import threading
 import urllib.parse
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import _output
 from ._connection import Listener, format_address
 from ._reactor import Reactor, attach
-from ._records import DEFAULT_MAX_RECEIVE, ConnectionRecord, ServerLog
+from ._records import DEFAULT_MAX_RECEIVE, ConnectionRecord, Latch, ServerLog
 from ._script import Step, compile_script
 from ._tls import TLSOption, tls_material
 
@@ -44,8 +47,8 @@ __all__ = [
 
 #: Seconds a receive or send step waits for the peer before the connection times out.
 DEFAULT_TIMEOUT = 30.0
-
-_CLOSE_LOCK = threading.Lock()  # guards each server's first close (rare: one lock serves all)
+#: Seconds ``close()`` waits for the reactor before it raises ``TimeoutError``.
+CLOSE_TIMEOUT = 30.0
 
 
 def _bind(
@@ -72,8 +75,6 @@ def _bind(
 
 def _bind_unix(path: str | bytes, backlog: int = socket.SOMAXCONN) -> socket.socket:
     """A listening Unix-domain socket at ``path`` (a leading NUL names an abstract socket)."""
-    if not isinstance(path, (str, bytes)) or not path:
-        raise TypeError(f"path must be a non-empty str or bytes, got {path!r}")
     if not hasattr(socket, "AF_UNIX"):
         raise OSError("Unix-domain sockets are not available on this platform")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -105,6 +106,34 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> N
         raise TypeError(f"{name} must be an int {span}, got {value!r}")
     if value < low or (high is not None and value > high):
         raise ValueError(f"{name} must be an int {span}, got {value!r}")
+
+
+def _check_path(path: object) -> None:
+    if not isinstance(path, (str, bytes)) or not path:
+        raise TypeError(f"path must be a non-empty str or bytes, got {path!r}")
+
+
+class _SocketFile:
+    """The file a Unix-domain server's bind made: removed at close only if it is still ours.
+
+    The path is made absolute at bind (a later ``chdir`` changes nothing) and the file's
+    identity noted, so close never removes a file that replaced it.
+    """
+
+    __slots__ = ("identity", "path")
+
+    def __init__(self, path: str | bytes) -> None:
+        self.path = os.path.abspath(path)
+        info = os.stat(self.path)
+        self.identity = (info.st_dev, info.st_ino)
+
+    def remove(self) -> None:
+        try:
+            info = os.stat(self.path)
+            if stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == self.identity:
+                os.unlink(self.path)
+        except OSError:
+            pass  # gone already
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool) -> None:
@@ -139,7 +168,7 @@ class _Endpoint(abc.ABC):
     """What every fake server shares: an address, and a context manager that closes it."""
 
     # Slots keep a thousand idle servers small; a user's subclass still gets a __dict__.
-    __slots__ = ("_sock_name",)
+    __slots__ = ("__weakref__", "_sock_name")
 
     _sock_name: object  # (host, port) for TCP; the path for a Unix-domain socket
 
@@ -241,6 +270,8 @@ class CommandServer(_Endpoint):
             no RST: after ``RESET`` the peer reads EOF.
         reactor: a started :class:`Reactor` to serve on instead of the shared default one.
 
+    Every argument is checked before the port is bound.
+
     Raises:
         TypeError, ValueError: a bad script or argument, naming the bad step.
         OSError: the address cannot be bound (in use, unknown host).
@@ -262,6 +293,15 @@ class CommandServer(_Endpoint):
         path: str | bytes | None = None,
         reactor: Reactor | None = None,
     ) -> None:
+        if reactor is not None:
+            if not isinstance(reactor, Reactor):
+                raise TypeError(f"reactor must be a selectserver Reactor or None, got {reactor!r}")
+            if not reactor.started:
+                raise ValueError(f"reactor {reactor!r} was never started: call its start() first")
+            if reactor.stopping:
+                raise RuntimeError(f"reactor {reactor!r} is closed")
+        if path is not None:
+            _check_path(path)
         self._tls = tls_material(tls)
         compiled = _compile_scripts(commands, scripts, tls=self._tls is not None)
         if max_connections is not None:
@@ -269,7 +309,15 @@ class CommandServer(_Endpoint):
         _check_seconds("timeout", timeout, allow_none=True)
         _check_int("max_receive", max_receive, 0)
         self._log = self._make_log(max_receive)
+        self._close_calls = itertools.count()
+        self._socket_file: _SocketFile | None = None
         sock = _bind(host, port, listen=True) if path is None else _bind_unix(path)
+        if path is not None and not _is_abstract(path):
+            try:
+                self._socket_file = _SocketFile(path)
+            except OSError:
+                sock.close()
+                raise
         # A Unix socket keeps the path as the caller gave it: getsockname() would return an
         # abstract name as bytes and a bytes path as str.
         self._sock_name = sock.getsockname()[:2] if path is None else path
@@ -282,16 +330,16 @@ class CommandServer(_Endpoint):
             max_connections=max_connections,
             tls_context=None if self._tls is None else self._tls.context,
         )
-        self._closing = False
         if reactor is None:
             self._reactor: Reactor = attach(self._listener)
         elif reactor.add_server(self._listener):
             self._reactor = reactor
         else:
             self._listener.close(0.0)
-            raise RuntimeError(f"{reactor!r} is closed")
+            self._remove_socket_file()
+            raise RuntimeError(f"reactor {reactor!r} is closed")
 
-    __slots__ = ("_closing", "_listener", "_log", "_reactor", "_tls")
+    __slots__ = ("_close_calls", "_listener", "_log", "_reactor", "_socket_file", "_tls")
 
     def _make_log(self, max_receive: int) -> ServerLog:
         return ServerLog(max_receive)
@@ -330,13 +378,16 @@ class CommandServer(_Endpoint):
     def wait_for_connections(self, n: int, timeout: float | None = 5.0) -> list[ConnectionRecord]:
         """Block until ``n`` connections have ended; return the first ``n`` that ended.
 
-        The records come in accept order.
+        The records come in the order the connections ended, each with its ``outcome`` set:
+        a record ends only once the wire shows it (the FIN or RST is sent).
 
         Raises:
             TimeoutError: after ``timeout`` seconds, naming what each unfinished connection is
                 waiting for and how many never connected.
         """
-        return self._log.wait_for_connections(n, timeout)
+        records = self._log.wait_for_connections(n, timeout)
+        _output.flush()
+        return records
 
     def check(self) -> None:
         """Raise ``AssertionError`` listing every server-side failure; silent if none.
@@ -347,37 +398,45 @@ class CommandServer(_Endpoint):
         self._raise_reactor_error()
         self._log.check()
 
-    def close(self) -> None:
+    @property
+    def _closing(self) -> bool:
+        return self._listener.closed is not None
+
+    def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
         """Stop listening and close every connection; idempotent and thread-safe.
 
-        Returns once the reactor has closed the listening socket and every connection.
-        Raises ``RuntimeError`` if the reactor thread itself failed (the error is chained).
+        Returns once the reactor has closed the listening socket and every connection. Safe
+        from a signal handler and from a finalizer on the reactor thread (which cannot wait:
+        the close then completes right after).
+
+        Raises:
+            TimeoutError: the reactor did not close the server within ``timeout`` seconds
+                (saying what the reactor is busy with).
+            RuntimeError: the reactor thread itself failed (the error is chained).
         """
-        with _CLOSE_LOCK:
-            first = not self._closing
-            self._closing = True
-            if first:
-                self._listener.closed = threading.Event()
-        closed = self._listener.closed
-        assert closed is not None
+        listener = self._listener
         reactor = self._reactor
-        if first and not reactor.remove_server(self._listener):
-            closed.set()  # the reactor already stopped, closing everything
-        if threading.current_thread() is not reactor.thread:
-            closed.wait()
-            if reactor.stopping:
-                reactor.join()
+        first = next(self._close_calls) == 0  # atomic: exactly one caller is first
         if first:
+            closed = listener.closed = Latch()
+            if not reactor.remove_server(listener):
+                closed.set()  # the reactor already stopped, closing everything
             self._remove_socket_file()
+        if threading.current_thread() is reactor.thread:
+            return
+        closed_event = listener.closed
+        if closed_event is None:
+            return  # the first close is under way on this thread (a signal handler)
+        if not closed_event.wait(threading.TIMEOUT_MAX if timeout is None else timeout):
+            raise TimeoutError(f"closing {self!r} took more than {timeout} s: {reactor.doing()}")
+        if reactor.stopping:
+            reactor.join(timeout)
+        _output.flush()
         self._raise_reactor_error()
 
     def _remove_socket_file(self) -> None:
-        path = self.path
-        if path is not None and not _is_abstract(path):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        if self._socket_file is not None:
+            self._socket_file.remove()
 
     def _raise_reactor_error(self) -> None:
         error = self._reactor.error

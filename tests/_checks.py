@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from selectserver import CommandServer, ConnectionRecord
+from selectserver._machine import Action, Close, Receive, ShutdownWrite, StepMachine
 from selectserver.reference import (
     Payload,
     Transcript,
@@ -28,6 +29,7 @@ __all__ = [
     "fetch",
     "outcome",
     "records_of",
+    "run_to_close",
     "serve_and_play",
 ]
 
@@ -123,3 +125,19 @@ def fetch(address: tuple[str, int]) -> tuple[int, bytes] | Exception:
             conn.close()
 
     return outcome(get)
+
+
+def run_to_close(machine: StepMachine, now: float = 0.0) -> Action:
+    """Play a machine's closing actions as a socket whose peer closes at once would: the FIN
+    goes out, the drain reads EOF, the socket closes. Returns the action after (``Done``)."""
+    for _ in range(10):
+        action = machine.next_action()
+        if isinstance(action, ShutdownWrite):
+            machine.write_shut(now)
+        elif isinstance(action, Receive) and not machine.running:
+            machine.receive_data(b"", now)
+        elif isinstance(action, Close):
+            machine.closed(now)
+        else:
+            return action
+    raise AssertionError(f"the machine did not close: {machine.describe()}")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from _checks import check_round_trip, fetch, serve_and_play
+from _checks import check_round_trip, fetch, run_to_close, serve_and_play
 from _hypothesis_profiles import SETTINGS
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -117,7 +117,7 @@ def test_seeded_bytes_complete_each_receive_step_exactly(step: object, seed: int
     machine = StepMachine((compiled,), record, now=0.0)
     if data:
         machine.receive_data(data, 0.0)
-    assert machine.next_action() == Done(expected_outcome([step]))
+    assert run_to_close(machine) == Done(expected_outcome([step]))
     assert record.received == [data]
 
 

@@ -31,6 +31,8 @@ from selectserver._machine import Done, Send, StepMachine
 from selectserver._records import ConnectionRecord, Outcome
 from selectserver._script import TRUNCATE, ReadStep, SendStep, StartTLS
 
+from _checks import run_to_close
+
 EXPECTED = "expected RECEIVE, an int > 0, str/bytes, or a step"
 NOT_A_LIST = "script must be a list of steps or a str/bytes, got"
 
@@ -280,18 +282,33 @@ def test_constructors_normalise_str_to_bytes() -> None:
 @pytest.mark.parametrize(
     "wrap", [lambda buffer: buffer, memoryview], ids=["bytearray", "memoryview"]
 )
-def test_buffers_are_sent_without_copying(wrap: Callable[[bytearray], object]) -> None:
+def test_mutable_buffers_are_copied_once(wrap: Callable[[bytearray], object]) -> None:
+    """Changing the caller's buffer later changes neither the script nor its records, and
+    the caller can still resize it (no export is held)."""
     owner = bytearray(b"abc")
     (step,) = compile_script([wrap(owner)])
     assert isinstance(step, SendStep)
-    assert memoryview(step.data).obj is owner
     owner[0:1] = b"X"
-    assert bytes(step.data) == b"Xbc", "the step sends the caller's buffer as it is then"
+    owner.extend(b"more")  # would raise BufferError if a view were kept
+    assert bytes(step.data) == b"abc"
+
+
+@pytest.mark.parametrize(
+    "data", [b"abc" * 1000, memoryview(b"abc" * 1000)], ids=["bytes", "read-only view"]
+)
+def test_immutable_buffers_are_sent_without_copying(data: bytes | memoryview) -> None:
+    (step,) = compile_script([data])
+    assert isinstance(step, SendStep)
+    base = data.obj if isinstance(data, memoryview) else data
+    assert memoryview(step.data).obj is base
 
 
 @pytest.mark.parametrize(
     "view",
-    [memoryview(array.array("H", [1, 2, 3])), memoryview(bytearray(b"abcdef")).cast("B", (2, 3))],
+    [
+        memoryview(array.array("H", [1, 2, 3])).toreadonly(),
+        memoryview(b"abcdef").cast("B", (2, 3)),
+    ],
     ids=["wide-items", "2-d"],
 )
 def test_a_contiguous_memoryview_is_sent_as_its_bytes(view: memoryview) -> None:
@@ -314,7 +331,7 @@ def test_a_non_contiguous_memoryview_is_sent_as_a_contiguous_copy(view: memoryvi
     action = machine.next_action()
     assert isinstance(action, Send)
     machine.data_sent(len(action.data), 0.0)
-    assert machine.next_action() == Done(Outcome.COMPLETED)
+    assert run_to_close(machine) == Done(Outcome.COMPLETED)
     assert machine.record.sent == view.tobytes()
     assert action.data.c_contiguous, "socket.send() needs a C-contiguous buffer"
 

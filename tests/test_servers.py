@@ -280,7 +280,7 @@ def test_scripts_per_connection_and_the_last_repeats() -> None:
     assert answers == [b"first", b"second", b"rest", b"rest", b"rest"]
 
 
-def test_wait_for_connections_returns_records_in_accept_order() -> None:
+def test_wait_for_connections_returns_records_in_the_order_they_ended() -> None:
     with (
         CommandServer([RECEIVE, "ok"], verbose=False) as srv,
         connect(srv.address) as a,
@@ -292,10 +292,11 @@ def test_wait_for_connections_returns_records_in_accept_order() -> None:
             assert read_to_eof(sock) == b"ok"
         peers = [s.getsockname() for s in (a, b, c)]
         records = srv.wait_for_connections(3)
-    assert [r.index for r in records] == [0, 1, 2]
-    assert [r.received for r in records] == [[b"0"], [b"1"], [b"2"]]
+    assert [r.index for r in records] == [2, 1, 0]
+    assert [r.received for r in records] == [[b"2"], [b"1"], [b"0"]]
     assert srv.received == [b"2", b"1", b"0"]  # completion order
-    assert [r.peer for r in records] == peers
+    assert [r.peer for r in records] == peers[::-1]
+    assert all(r.outcome is not None for r in records)
 
 
 def test_wait_for_connections_timeout_says_what_each_waits_for() -> None:
