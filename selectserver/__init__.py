@@ -6,10 +6,12 @@ with CommandServer([RECEIVE, "HTTP/1.0 200 OK\\r\\n\\r\\nhello"]) as srv:
 assert b"GET" in b"".join(srv.received)
 """
 
+from ._control import GateControl, Parked
 from ._reactor import Reactor, ReactorStatistics, statistics
 from ._records import ConnectionRecord, Outcome
 from ._script import (
     BREAK,
+    CLOSE,
     HALF_CLOSE,
     HANGUP,
     RECEIVE,
@@ -21,7 +23,13 @@ from ._script import (
     Drip,
     Expect,
     Garbage,
+    Gate,
     ReadUntil,
+    ReceiveCondition,
+    Repeat,
+    Reply,
+    ReplyContext,
+    SendRaw,
     StartTLS,
     Throttle,
     compile_script,
@@ -39,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BREAK",
+    "CLOSE",
     "DEFAULT_TIMEOUT",
     "HALF_CLOSE",
     "HANGUP",
@@ -55,12 +64,20 @@ __all__ = [
     "Drip",
     "Expect",
     "Garbage",
+    "Gate",
+    "GateControl",
     "OneShotServer",
     "Outcome",
+    "Parked",
     "Reactor",
     "ReactorStatistics",
     "ReadUntil",
+    "ReceiveCondition",
     "RefusingServer",
+    "Repeat",
+    "Reply",
+    "ReplyContext",
+    "SendRaw",
     "StartTLS",
     "Throttle",
     "compile_script",

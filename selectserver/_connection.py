@@ -20,19 +20,23 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import socket
 import ssl
+import stat
 import struct
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _output
+from ._control import GateState, Parked
 from ._machine import (
     Close,
     Done,
     Handshake,
+    Park,
     Receive,
     Send,
     ShutdownWrite,
@@ -59,6 +63,8 @@ ACCEPT_BATCH = 64
 ACCEPT_RETRY_SECONDS = 0.05
 #: socket calls (and machine actions) one connection makes per pass of the loop
 CALLS_PER_TURN = 32
+#: a Reply function slower than this is logged as a warning
+SLOW_CALL_SECONDS = 0.1
 #: the most one TLS write encrypts (a TLS write is all or nothing)
 TLS_SEND_SIZE = 64 * 1024
 #: accept() errors that concern only the connection being accepted (trio's list, accept(2)):
@@ -108,15 +114,21 @@ class Listener:
 
     __slots__ = (
         "__weakref__",
+        "_address",
+        "_held",
         "_mask",
         "_retry",
         "accepted",
         "closed",
         "connections",
+        "gates",
         "log",
         "max_connections",
         "name",
+        "owner",
         "reactor",
+        "run",
+        "script_base",
         "scripts",
         "sock",
         "timeout",
@@ -136,6 +148,7 @@ class Listener:
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.sock: socket.socket | None = sock
+        self._address = sock.getsockname()
         self.tls_context = tls_context
         self.name = format_address(sock.getsockname())
         self.scripts = scripts
@@ -150,6 +163,11 @@ class Listener:
         self.reactor: Reactor | None = None
         self._mask = 0
         self._retry: list[object] | None = None  # the armed accept-again timer
+        self._held: socket.socket | None = None  # the port, bound but not listening (down())
+        self.script_base = 0  # connection index from which ``scripts`` counts (set_scripts)
+        self.gates: dict[str, GateState] = {}
+        self.owner: Callable[[], object] = _nobody  # the public server, weakly
+        self.run: Callable[[Callable[[], None]], None] = _inline  # runs control commands
 
     @property
     def tracing(self) -> bool:
@@ -232,11 +250,80 @@ class Listener:
         self.sock = None
         self._cancel_retry()
         sock.close()
+        self._drop_held()
         self.event("stopped listening after %d connections", self.accepted)
+
+    def down(self) -> None:
+        """Refuse new connections, keeping the port (bound, not listening) so nobody takes it."""
+        sock = self.sock
+        if sock is None:
+            return
+        self.stop_listening()
+        if sock.family != _AF_UNIX:
+            held = socket.socket(sock.family, socket.SOCK_STREAM)
+            try:
+                # Bound past our own TIME_WAIT entries; then no SO_REUSEADDR, so that no other
+                # socket may bind the port while it is not listening.
+                held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                held.bind(self._address)
+                held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+            except BaseException:
+                held.close()
+                raise
+            self._held = held
+        self.event("down: refusing connections")
+
+    def up(self, backlog: int = socket.SOMAXCONN) -> None:
+        """Listen again on the same port (after :meth:`down`)."""
+        if self.sock is not None:
+            return
+        held, self._held = self._held, None
+        if held is None:  # a Unix socket: bind its path again
+            held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                _unlink_socket(self._address)
+                held.bind(self._address)
+            except BaseException:
+                held.close()
+                raise
+        else:
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.listen(backlog)
+        held.setblocking(False)
+        self.sock = held
+        self._listen(True)
+        self.event("up: listening again")
+
+    def set_scripts(self, scripts: tuple[tuple[Step, ...], ...]) -> None:
+        """Later connections run ``scripts``, counting from 0 again."""
+        self.scripts = scripts
+        self.script_base = self.accepted
+
+    def park(self, connection: Connection, name: str, now: float) -> bool:
+        """``connection`` reached gate ``name``: True if the gate is open (it passes)."""
+        gate = self.gates.get(name)
+        if gate is None:
+            gate = self.gates.setdefault(name, GateState(name))
+        if gate.opened:
+            connection.machine.resume((), now)
+            return True
+        gate.parked[connection] = None
+        gate.arrivals.append(Parked(connection, gate, self.run))
+        gate.signal.notify()
+        self.event("#%d parked at gate %r", connection.record.index, name)
+        return False
+
+    def _drop_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
 
     def close(self, now: float) -> None:
         """Close the listening socket and every connection (the server is closing)."""
         self.stop_listening()
+        for gate in list(self.gates.values()):
+            gate.closed = True
+            gate.signal.notify()
         for connection in list(self.connections):
             try:
                 connection.abort(now)
@@ -256,6 +343,9 @@ class Listener:
         if self.sock is not None:
             sockets.append(self.sock)
         self.sock = None
+        if self._held is not None:
+            sockets.append(self._held)
+            self._held = None
         self.connections.clear()
         for sock in sockets:
             try:
@@ -289,7 +379,7 @@ class Listener:
         index = self.accepted
         self.accepted += 1
         record = self.log.new_connection(peer, now)
-        script = self.scripts[min(index, len(self.scripts) - 1)]
+        script = self.scripts[min(index - self.script_base, len(self.scripts) - 1)]
         if self.tracing:
             self.event("#%d accepted from %s", index, format_address(peer))
         try:
@@ -340,7 +430,14 @@ class Connection:
         self.listener = listener
         self.sock = sock
         self.record = record
-        self.machine = StepMachine(script, record, now=now, timeout=listener.timeout)
+        self.machine = StepMachine(
+            script,
+            record,
+            now=now,
+            timeout=listener.timeout,
+            server=listener.owner,
+            call=self._call,
+        )
         record._describe = self.machine.describe
         self._mask = 0
         self._timer: list[object] | None = None  # the one armed timer's heap entry
@@ -397,6 +494,31 @@ class Connection:
         """The server is closing: end the script here and close the socket."""
         self.machine.server_closed(now)
         self._pump(now)
+
+    def pass_gate(self, gate: GateState, steps: tuple[Step, ...]) -> None:
+        """Let this connection through ``gate`` (if it is still parked there)."""
+        if gate.parked.pop(self, False) is None and not self._closed:
+            now = time.monotonic()
+            self.machine.resume(steps, now)
+            self._pump(now)
+
+    def _call(self, fn: Callable[[Any], object], context: Any, label: str) -> object:
+        """Run a Reply's function, warning when it holds the reactor thread too long."""
+        started = time.perf_counter()
+        try:
+            return fn(context)
+        finally:
+            took = time.perf_counter() - started
+            if took > SLOW_CALL_SECONDS:
+                _output.log(
+                    logging.WARNING,
+                    "%s #%d: step %d (%s) took %.3f s on the shared reactor thread",
+                    self.listener.name,
+                    self.record.index,
+                    self.machine.step_index,
+                    label,
+                    took,
+                )
 
     # ---- the machine's actions ----------------------------------------------------------------
 
@@ -462,7 +584,7 @@ class Connection:
     def _send(self, action: Send, now: float) -> bool:
         """Send what the socket takes of ``action.data``; False if we must wait to send more."""
         tls = self._tls
-        if tls is not None:
+        if tls is not None and not action.raw:
             # Encrypt a bounded piece; it counts as sent once its ciphertext is on the wire.
             self._out_plain = tls.write(action.data[:TLS_SEND_SIZE])
             self._queue_output()
@@ -486,6 +608,15 @@ class Connection:
     def _wait(self, action: Wait, now: float) -> bool:
         self._want(0, action.until)
         return False
+
+    def _park(self, action: Park, now: float) -> bool:
+        """Park at the gate: no interest, no timer, until the test lets us go."""
+        self._want(0, None)
+        reactor = self.listener.reactor
+        if self._timer is not None and reactor is not None:
+            reactor.cancel(self._timer)
+            self._timer = None
+        return self.listener.park(self, action.gate, now)
 
     def _shutdown_write(self, action: ShutdownWrite, now: float) -> bool:
         """Queue close_notify if asked (flushed first by _pump), then send FIN."""
@@ -647,11 +778,30 @@ _PERFORM: dict[type, Callable[[Connection, object, float], bool]] = {
     Receive: Connection._receive,  # type: ignore[dict-item]
     Send: Connection._send,  # type: ignore[dict-item]
     Wait: Connection._wait,  # type: ignore[dict-item]
+    Park: Connection._park,  # type: ignore[dict-item]
     ShutdownWrite: Connection._shutdown_write,  # type: ignore[dict-item]
     Handshake: Connection._handshake,  # type: ignore[dict-item]
     Close: Connection._close,  # type: ignore[dict-item]
     Done: Connection._done,  # type: ignore[dict-item]
 }
+
+
+def _nobody() -> object:
+    return None
+
+
+def _inline(command: Callable[[], None]) -> None:
+    command()
+
+
+def _unlink_socket(path: object) -> None:
+    """Remove a Unix socket's file before binding its path again (only a socket file)."""
+    if isinstance(path, (str, bytes)) and path and path[:1] not in ("\0", b"\0"):
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 def _wake_time(action: object) -> float | None:

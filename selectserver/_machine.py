@@ -63,11 +63,26 @@ wire shows the end: after the FIN, or after the close):
 from __future__ import annotations
 
 import random
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 from ._records import ConnectionRecord, Outcome
-from ._script import Command, Delay, ReadStep, SendStep, StartTLS, Step, Throttle
+from ._script import (
+    Command,
+    Delay,
+    Gate,
+    ReadStep,
+    Repeat,
+    Reply,
+    ReplyContext,
+    SendStep,
+    StartTLS,
+    Step,
+    Throttle,
+    compile_script,
+)
 
 __all__ = [
     "DRAIN_BYTES",
@@ -93,10 +108,14 @@ class Receive:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send as much of ``data`` as the socket takes; call ``tick`` at ``deadline``."""
+    """Send as much of ``data`` as the socket takes; call ``tick`` at ``deadline``.
+
+    ``raw``: write on the socket itself, beneath TLS (``SendRaw``).
+    """
 
     data: memoryview
     deadline: float | None
+    raw: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +141,14 @@ class Handshake:
 
 
 @dataclass(frozen=True, slots=True)
+class Park:
+    """Wait, neither reading nor timing out, until the test lets the connection pass the
+    gate ``name``; then call ``resume``."""
+
+    gate: str
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Close the socket now, with RST if ``reset``; then call ``closed``."""
 
@@ -135,7 +162,9 @@ class Done:
     outcome: Outcome
 
 
-Action = Union[Receive, Send, Wait, ShutdownWrite, Handshake, Close, Done]
+Action = Union[Receive, Send, Wait, ShutdownWrite, Handshake, Park, Close, Done]
+#: Runs a Reply's function: ``call(fn, context, label)`` (the executor times it).
+Caller = Callable[[Callable[[ReplyContext], object], ReplyContext, str], object]
 
 #: A throttled send hands out slices worth this many seconds of its rate.
 THROTTLE_SLICE_SECONDS = 0.01
@@ -147,12 +176,15 @@ DRAIN_BYTES = 64 * 1024 * 1024
 #: linear however much arrives before the match.
 SEARCH_EAGERLY_BELOW = 64 * 1024
 SEARCH_PAUSE_SECONDS = 0.01
+#: Steps one call may start without waiting, before the machine pauses until the next turn.
+STEPS_PER_TURN = 1000
 
 _GRACEFUL = frozenset({Outcome.COMPLETED, Outcome.HUNG_UP, Outcome.TRUNCATED})
 _SCRIPT_ENDS = {
     Command.HANGUP: Outcome.HUNG_UP,
     Command.TRUNCATE: Outcome.TRUNCATED,
     Command.RESET: Outcome.RESET,
+    Command.CLOSE: Outcome.CLOSED,
 }
 # What the phases after the script are waiting for, for describe().
 _RUNNING, _SHUTTING, _DRAINING, _CLOSING, _DONE = range(5)
@@ -164,9 +196,13 @@ class StepMachine:
     __slots__ = (
         "_action",
         "_buffer",
+        "_call",
         "_drain_until",
         "_drained",
+        "_frames",
+        "_fresh",
         "_index",
+        "_last",
         "_next_send",
         "_outcome",
         "_phase",
@@ -177,6 +213,8 @@ class StepMachine:
         "_search_due",
         "_searched",
         "_sent_root",
+        "_server",
+        "_state",
         "_step",
         "_step_bytes",
         "_step_sent",
@@ -194,6 +232,8 @@ class StepMachine:
         *,
         now: float,
         timeout: float | None = None,
+        server: Callable[[], object] = lambda: None,
+        call: Caller = lambda fn, context, label: fn(context),
     ) -> None:
         """Start running ``steps`` at time ``now``.
 
@@ -203,10 +243,18 @@ class StepMachine:
             now: the current time, in the same clock as every later call.
             timeout: seconds of peer silence after which a receive or send step fails
                 (None: wait forever).
+            server: returns the server a Reply's context names (None once it is gone).
+            call: runs a Reply's function (the executor times it).
         """
         self.record = record
         self._steps = steps
         self._timeout = timeout
+        self._server = server
+        self._call = call
+        self._frames = [_Frame(steps, None)]
+        self._fresh = False  # an endless Repeat's iteration has had no byte yet
+        self._last = b""  # the latest completed receive step's bytes
+        self._state: dict[str, Any] | None = None  # Reply's per-connection dict
         self._index = -1
         self._step: Step | None = None
         self._phase = _RUNNING
@@ -264,6 +312,8 @@ class StepMachine:
             return f"{where}: waiting until t={action.until:.3f}"
         if isinstance(action, Handshake):
             return f"{where}: in the TLS handshake"
+        if isinstance(action, Park):
+            return f"{where}: parked at gate {action.gate!r}"
         return f"{where}: shutting down the sending side"
 
     # ---- what happened ------------------------------------------------------------------------
@@ -280,8 +330,12 @@ class StepMachine:
             return
         step = self._step
         if not data:
-            self._end_early(Outcome.PEER_CLOSED, "the peer closed the connection", now)
+            if self._fresh and not self._buffer and self._in_endless_repeat():
+                self._end_script(Outcome.COMPLETED, now)  # a keep-alive connection's end
+            else:
+                self._end_early(Outcome.PEER_CLOSED, "the peer closed the connection", now)
             return
+        self._fresh = False
         self._progress = now
         if step is Command.STALL:
             self.record.discarded += len(data)
@@ -308,7 +362,7 @@ class StepMachine:
         self.record.add_sent(root[: self._step_sent], extend=self._step_sent > count)
         if count < len(view):
             self._view = view[count:]
-            self._action = Send(self._view, self._deadline())
+            self._action = Send(self._view, self._deadline(), action.raw)
             return
         self._view = None
         self._after_slice(len(view), now)
@@ -373,6 +427,14 @@ class StepMachine:
                 failed=True,
             )
 
+    def resume(self, steps: tuple[Step, ...], now: float) -> None:
+        """The test let the connection pass its gate (after :class:`Park`): run ``steps``
+        (compiled), then the rest of the script."""
+        if isinstance(self._action, Park):
+            if steps:
+                self._frames.append(_Frame(steps, None))
+            self._next_step(now)
+
     def tls_started(self, now: float) -> None:
         """The TLS handshake (after :class:`Handshake`) finished."""
         if isinstance(self._action, Handshake):
@@ -402,10 +464,12 @@ class StepMachine:
     # ---- stepping -----------------------------------------------------------------------------
 
     def _label(self) -> str:
-        step = self._step
-        if isinstance(step, (ReadStep, SendStep)):
-            return step.label
-        return repr(step)
+        return _step_label(self._step)
+
+    def _in_endless_repeat(self) -> bool:
+        return any(
+            frame.repeat is not None and frame.repeat.times is None for frame in self._frames
+        )
 
     def _deadline(self) -> float | None:
         timeout = self._timeout
@@ -423,7 +487,7 @@ class StepMachine:
         """Hand out the current action again with its deadline brought up to date."""
         action = self._action
         if isinstance(action, Send):
-            self._action = Send(action.data, self._deadline())
+            self._action = Send(action.data, self._deadline(), action.raw)
         elif isinstance(action, ShutdownWrite):
             self._action = ShutdownWrite(action.close_notify, self._deadline())
         elif isinstance(action, Receive):
@@ -431,19 +495,39 @@ class StepMachine:
         elif isinstance(action, Handshake):
             self._action = Handshake(self._deadline())
 
+    def _advance(self) -> Step | None:
+        """The next step to run (entering and looping Repeats), or None at the script's end."""
+        frames = self._frames
+        while frames:
+            frame = frames[-1]
+            frame.index += 1
+            if frame.index < len(frame.steps):
+                if len(frames) == 1:
+                    self._index = self.record.step = frame.index
+                return frame.steps[frame.index]
+            repeat = frame.repeat
+            if repeat is not None:
+                frame.done += 1
+                if repeat.times is None or frame.done < repeat.times:
+                    frame.index = -1
+                    self._fresh = True
+                    continue
+            frames.pop()
+        self._index = len(self._steps)
+        return None
+
     def _next_step(self, now: float) -> None:
-        """Start the following steps until one waits for the peer or the clock."""
-        steps = self._steps
-        record = self.record
-        while True:
-            self._index += 1
-            if self._index >= len(steps):
-                self._step = None
+        """Start the following steps until one waits for the peer or the clock.
+
+        A script that runs many steps without waiting (a Repeat of non-I/O steps, a Reply
+        returning thousands) pauses every STEPS_PER_TURN steps, so the loop stays fair.
+        """
+        for _ in range(STEPS_PER_TURN):
+            step = self._step = self._advance()
+            self._progress = now
+            if step is None:
                 self._end_script(Outcome.COMPLETED, now)
                 return
-            step = self._step = steps[self._index]
-            record.step = self._index
-            self._progress = now
             if isinstance(step, ReadStep):
                 self._searched = self._taken = 0
                 self._search_due = None
@@ -453,13 +537,12 @@ class StepMachine:
                     self._action = Receive(self._wake())
                 return
             if isinstance(step, SendStep):
+                if self.record.half_closed and step.data:
+                    self.fail("cannot send after HALF_CLOSE shut the sending side", now)
+                    return
                 if not step.data:
                     continue
-                # Slices of the caller's buffer are sent: no copies.
-                self._rest = self._sent_root = memoryview(step.data)
-                self._step_sent = 0
-                self._rng = random.Random(step.seed) if step.jitter else None
-                self._send_slice(now)
+                self._start_send(step, now)
                 return
             if isinstance(step, Delay):
                 seconds = step.seconds
@@ -471,11 +554,24 @@ class StepMachine:
                 self._rate = step.bytes_per_second
                 self._next_send = now
                 continue
+            if isinstance(step, Repeat):
+                self._frames.append(_Frame(step.steps, step))
+                self._fresh = True
+                continue
+            if isinstance(step, Reply):
+                if not self._reply(step, now):
+                    return
+                continue
+            if isinstance(step, Gate):
+                self._action = Park(step.name)
+                return
             if isinstance(step, StartTLS):
                 self._refuse_plaintext()
                 self._action = Handshake(self._deadline())
                 return
             if step is Command.HALF_CLOSE:
+                if self.record.half_closed:
+                    continue
                 self._action = ShutdownWrite(True, self._deadline())
                 return
             if step is Command.STALL:
@@ -485,6 +581,62 @@ class StepMachine:
             assert step in _SCRIPT_ENDS, step
             self._end_script(_SCRIPT_ENDS[step], now)
             return
+        self._action = Wait(now)  # come back on the next turn
+
+    def _start_send(self, step: SendStep, now: float) -> None:
+        # Slices of the caller's buffer are sent: no copies.
+        self._rest = self._sent_root = memoryview(step.data)
+        self._step_sent = 0
+        self._rng = random.Random(step.seed) if step.jitter else None
+        self._send_slice(now)
+
+    def _reply(self, step: Reply, now: float) -> bool:
+        """Run a Reply's function; True if the script goes on with the next step.
+
+        Bytes it returns become the current step (False: they are being sent); steps it
+        returns run in its place.
+        """
+        record = self.record
+        if self._state is None:
+            self._state = {}
+        context = ReplyContext(
+            received=record.received,
+            last=self._last,
+            record=record,
+            server=self._server(),
+            index=record.index,
+            state=self._state,
+        )
+        try:
+            result = self._call(step.fn, context, _step_label(step))
+        except BaseException as exc:  # the user's code: it costs this connection only
+            self.fail(f"the function raised:\n{_traceback(exc)}", now)
+            return False
+        if isinstance(result, (str, bytes, bytearray, memoryview)):
+            try:
+                (send,) = compile_script([result], name="Reply result")
+            except (TypeError, ValueError) as exc:
+                self.fail(f"it returned a bad payload: {exc}", now)
+                return False
+            assert isinstance(send, SendStep)
+            if not send.data:
+                return True
+            if record.half_closed:
+                self.fail("cannot send after HALF_CLOSE shut the sending side", now)
+                return False
+            self._step = send
+            self._start_send(send, now)
+            return False
+        if isinstance(result, (list, tuple)):
+            try:
+                steps = compile_script(result, name="Reply result")
+            except (TypeError, ValueError) as exc:
+                self.fail(f"it returned bad steps: {exc}", now)
+                return False
+            self._frames.append(_Frame(steps, None))
+            return True
+        self.fail(f"it must return str, bytes or a list of steps, got {_short(result)}", now)
+        return False
 
     def _try_read(self, step: ReadStep, now: float, *, deferred: bool = False) -> bool:
         """Complete ``step`` from the buffer if its condition holds; True if it did."""
@@ -501,6 +653,12 @@ class StepMachine:
             found = buffer.find(step.delimiter, start)
             end = -1 if found < 0 else found + len(step.delimiter)
             self._searched = len(buffer)
+        elif step.frame is not None:
+            try:
+                end = step.frame(buffer)
+            except ValueError as exc:
+                self._end_early(Outcome.ERROR, str(exc), now, failed=True)
+                return False
         else:
             end = self._search(step, now, deferred)
         if end < 0:
@@ -516,7 +674,8 @@ class StepMachine:
             return False
         data = bytes(buffer[:end])
         del buffer[:end]
-        record.add_received(record.keep(data), self._index)
+        self._last = record.keep(data)
+        record.add_received(self._last, self._index)
         return True
 
     def _search(self, step: ReadStep, now: float, deferred: bool) -> int:
@@ -554,6 +713,7 @@ class StepMachine:
             kept = bytes(self._step_bytes)
             self._step_bytes.clear()
         self._taken = 0
+        self._last = kept
         record.add_received(kept, self._index)
         return True
 
@@ -574,7 +734,7 @@ class StepMachine:
                 size = min(size, max(1, int(self._rate * THROTTLE_SLICE_SECONDS)))
             self._view = rest[:size]
             self._rest = rest[size:]
-        self._action = Send(self._view, self._deadline())
+        self._action = Send(self._view, self._deadline(), step.raw)
 
     def _after_slice(self, size: int, now: float) -> None:
         """A whole slice went out: pace the next one, or move on."""
@@ -668,6 +828,41 @@ class StepMachine:
 
     def _end_record(self, now: float) -> None:
         self.record.end(self._outcome, None, now, self._index)
+
+
+class _Frame:
+    """Where the machine is in one sequence of steps: the script, a Repeat's body, or the
+    steps a Reply returned or a gate's resume added."""
+
+    __slots__ = ("done", "index", "repeat", "steps")
+
+    def __init__(self, steps: tuple[Step, ...], repeat: Repeat | None) -> None:
+        self.steps = steps
+        self.index = -1
+        self.repeat = repeat
+        self.done = 0  # iterations of the Repeat completed
+
+
+def _step_label(step: object) -> str:
+    if isinstance(step, (ReadStep, SendStep)):
+        return step.label
+    if isinstance(step, Reply):
+        return f"Reply({getattr(step.fn, '__qualname__', type(step.fn).__name__)})"
+    if isinstance(step, Repeat):
+        return f"Repeat({len(step.steps)} steps, times={step.times})"
+    return repr(step)
+
+
+def _short(value: object) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
 
 
 _SILENCE = {

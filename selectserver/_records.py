@@ -10,15 +10,16 @@ interrupting one) may hold.
 from __future__ import annotations
 
 import _thread
+import asyncio
 import enum
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_MAX_RECEIVE", "ConnectionRecord", "Latch", "Outcome", "ServerLog"]
+__all__ = ["DEFAULT_MAX_RECEIVE", "ConnectionRecord", "Latch", "Outcome", "ServerLog", "Signal"]
 
-_WAITERS_LOCK = threading.Lock()  # makes each ServerLog's waiter list once (waiters only)
+_WAITERS_LOCK = threading.Lock()  # makes each ServerLog's Signal once (waiters only)
 
 #: What one connection's record keeps of the bytes it received, unless told otherwise.
 DEFAULT_MAX_RECEIVE = 64 * 1024 * 1024
@@ -56,6 +57,96 @@ class Latch:
         return self._set
 
 
+class Signal:
+    """Wakes threads and asyncio tasks waiting for a condition that the reactor makes true.
+
+    :meth:`notify` never blocks: each waiting thread parks on a lock of its own that notify
+    releases, and each waiting task on a future that notify completes with the loop's
+    ``call_soon_threadsafe``. Waiters test their condition again after registering, so no
+    wake-up is lost.
+    """
+
+    __slots__ = ("_futures", "_locks")
+
+    def __init__(self) -> None:
+        self._locks: list[_thread.LockType] = []
+        self._futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def notify(self) -> None:
+        locks, futures = self._locks, self._futures
+        while locks:
+            try:
+                locks.pop().release()
+            except IndexError:
+                break  # another notify took the last one
+        while futures:
+            try:
+                loop, future = futures.pop()
+            except IndexError:
+                break
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+
+    def wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``done()`` holds (True) or ``timeout`` seconds pass (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            lock = _thread.allocate_lock()
+            lock.acquire()
+            self._locks.append(lock)
+            if done():
+                break
+            left = threading.TIMEOUT_MAX if deadline is None else deadline - time.monotonic()
+            if left <= 0 or not lock.acquire(timeout=min(left, threading.TIMEOUT_MAX)):
+                try:
+                    self._locks.remove(lock)
+                except ValueError:
+                    pass  # a notify took it just now
+                return done()
+        return True
+
+    async def wait_async(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """:meth:`wait` for a coroutine, on the running loop."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not done():
+            future: asyncio.Future[None] = loop.create_future()
+            entry = (loop, future)
+            self._futures.append(entry)
+            if done():
+                break
+            left = None if deadline is None else deadline - loop.time()
+            try:
+                if left is not None and left <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(future, left)
+            except asyncio.TimeoutError:
+                try:
+                    self._futures.remove(entry)
+                except ValueError:
+                    pass
+                return done()
+        return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _check_wait(name: str, n: object, timeout: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name}: n must be an int >= 0, got {n!r}")
+    if n < 0:
+        raise ValueError(f"{name}: n must be an int >= 0, got {n!r}")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
+    ):
+        raise ValueError(f"{name}: timeout must be a number >= 0 or None, got {timeout!r}")
+
+
 class Outcome(enum.Enum):
     """How a connection ended."""
 
@@ -67,6 +158,8 @@ class Outcome(enum.Enum):
     """The script said RESET; the server aborted the connection."""
     TRUNCATED = "truncated"
     """The script said TRUNCATE; the server closed without TLS close_notify."""
+    CLOSED = "closed"
+    """The script said CLOSE; the server closed at once, without draining."""
     PEER_CLOSED = "peer closed"
     """The peer closed before the script ended."""
     PEER_RESET = "peer reset"
@@ -215,7 +308,7 @@ class ServerLog:
         "_ended",
         "_extra_on_end",
         "_extra_on_received",
-        "_waiters",
+        "_signal",
         "connections",
         "failures",
         "max_receive",
@@ -234,7 +327,7 @@ class ServerLog:
         self.failures: list[str] = []
         self._ended: list[ConnectionRecord] = []  # in the order they ended
         # Made by the first waiter: most servers are never waited on.
-        self._waiters: list[_thread.LockType] | None = None
+        self._signal: Signal | None = None
         self._extra_on_received = on_received
         self._extra_on_end = on_end
 
@@ -257,38 +350,17 @@ class ServerLog:
         self._wake()
 
     def _wake(self) -> None:
-        """Wake the waiters, if any, without blocking. Callers change state first: a waiter
-        that registers after our look tests its predicate again once registered.
-        """
-        waiters = self._waiters
-        while waiters:
-            try:
-                waiters.pop().release()
-            except IndexError:
-                return  # another wake took the last one
+        """Wake the waiters, if any. Callers change state first."""
+        signal = self._signal
+        if signal is not None:
+            signal.notify()
 
-    def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
-        """Wait until ``done()`` holds (True) or ``timeout`` seconds pass (False)."""
-        if self._waiters is None:
+    def _waitable(self) -> Signal:
+        if self._signal is None:
             with _WAITERS_LOCK:
-                if self._waiters is None:
-                    self._waiters = []
-        waiters = self._waiters
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not done():
-            lock = _thread.allocate_lock()
-            lock.acquire()
-            waiters.append(lock)
-            if done():
-                break
-            left = threading.TIMEOUT_MAX if deadline is None else deadline - time.monotonic()
-            if left <= 0 or not lock.acquire(timeout=min(left, threading.TIMEOUT_MAX)):
-                try:
-                    waiters.remove(lock)
-                except ValueError:
-                    pass  # a wake took it just now
-                return done()
-        return True
+                if self._signal is None:
+                    self._signal = Signal()
+        return self._signal
 
     def _received(self, data: bytes) -> None:
         self.received.append(data)
@@ -308,19 +380,17 @@ class ServerLog:
         ``TimeoutError`` saying what each unfinished connection still waits for, or how many
         connections never arrived.
         """
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"wait_for_connections: n must be an int >= 0, got {n!r}")
-        if n < 0:
-            raise ValueError(f"wait_for_connections: n must be an int >= 0, got {n!r}")
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not timeout >= 0  # NaN too
-        ):
-            raise ValueError(
-                f"wait_for_connections: timeout must be a number >= 0 or None, got {timeout!r}"
-            )
-        if not self._wait(lambda: len(self._ended) >= n, timeout):
+        _check_wait("wait_for_connections", n, timeout)
+        if not self._waitable().wait(lambda: len(self._ended) >= n, timeout):
+            raise TimeoutError(self._describe_wait(n, timeout))
+        return self._ended[:n]
+
+    async def wait_for_connections_async(
+        self, n: int, timeout: float | None
+    ) -> list[ConnectionRecord]:
+        """:meth:`wait_for_connections` for a coroutine: the event loop runs meanwhile."""
+        _check_wait("wait_for_connections_async", n, timeout)
+        if not await self._waitable().wait_async(lambda: len(self._ended) >= n, timeout):
             raise TimeoutError(self._describe_wait(n, timeout))
         return self._ended[:n]
 

@@ -23,12 +23,13 @@ import math
 import random
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 __all__ = [
     "BREAK",
+    "CLOSE",
     "HALF_CLOSE",
     "HANGUP",
     "RECEIVE",
@@ -39,9 +40,14 @@ __all__ = [
     "Delay",
     "Drip",
     "Expect",
+    "Gate",
     "Garbage",
     "ReadStep",
     "ReadUntil",
+    "ReceiveCondition",
+    "Repeat",
+    "Reply",
+    "SendRaw",
     "SendStep",
     "StartTLS",
     "Step",
@@ -68,6 +74,9 @@ class Command(enum.Enum):
     """Do nothing until the peer closes or the server is closed."""
     TRUNCATE = "TRUNCATE"
     """Close with FIN but no TLS close_notify (a truncated session); without TLS, as HANGUP."""
+    CLOSE = "CLOSE"
+    """Close now without draining, as a naive server does: with input unread the kernel sends
+    RST, and a client still sending sees EPIPE or ECONNRESET."""
 
     def __repr__(self) -> str:
         return self.name
@@ -81,6 +90,7 @@ BREAK = Command.BREAK
 RESET = Command.RESET
 HALF_CLOSE = Command.HALF_CLOSE
 STALL = Command.STALL
+CLOSE = Command.CLOSE
 TRUNCATE = Command.TRUNCATE
 
 
@@ -208,6 +218,25 @@ class Expect:
         object.__setattr__(self, "regex", regex)
 
 
+class ReceiveCondition:
+    """Base of receive steps whose condition is code: subclass it and define :meth:`frame`.
+
+    ``selectserver.http.ReadRequest`` is one. The subclass should be a frozen dataclass (its
+    repr names the step in errors and transcripts).
+    """
+
+    __slots__ = ()
+
+    def frame(self, buffer: bytearray) -> int:
+        """Where the first whole unit in ``buffer`` ends, or -1 if it has not all arrived.
+
+        Raises:
+            ValueError: ``buffer`` can never hold a valid unit; the message says why, and the
+                connection fails with it.
+        """
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, slots=True)
 class Throttle:
     """Cap the sends that follow at ``bytes_per_second``; ``Throttle(None)`` lifts the cap."""
@@ -267,6 +296,88 @@ class StartTLS:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Send bytes computed when the step runs: ``fn(ctx)`` gets a :class:`ReplyContext`.
+
+    ``fn`` returns str/bytes (sent) or a list of steps (run in its place, checked like a
+    script: a bad one fails the connection, naming the step). It runs on the reactor thread:
+    if it raises, the connection ends as ``ERROR`` and ``check()`` shows the traceback; a call
+    slower than 0.1 s is logged as a warning.
+    """
+
+    fn: Callable[[ReplyContext], object]
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"Reply: fn must be callable, got {self.fn!r}")
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Repeat:
+    """Run ``steps`` again and again: ``times`` times, or (None) until the peer closes.
+
+    With ``times=None``, a peer that closes before the first byte of an iteration ends the
+    connection as ``COMPLETED`` (that is how keep-alive connections end).
+    """
+
+    steps: tuple[Step, ...]
+    times: int | None
+
+    def __init__(self, steps: object, times: int | None = None) -> None:
+        if times is not None:
+            _check_count("Repeat", "times", times, 0)
+        compiled = compile_script(steps, name="Repeat.steps")
+        object.__setattr__(self, "steps", compiled)
+        object.__setattr__(self, "times", times)
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Park the connection here until the test lets it go (``server.gate(name)``).
+
+    A parked connection is not timed out and costs no timer.
+    """
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"Gate: name must be a non-empty str, got {self.name!r}")
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class SendRaw:
+    """Write ``data`` on the raw socket, beneath an established TLS session (a corrupt
+    record mid-session); without TLS, the same as sending ``data``."""
+
+    data: bytes
+
+    def __init__(self, data: str | bytes | bytearray | memoryview) -> None:
+        object.__setattr__(self, "data", _to_bytes("SendRaw", "data", data))
+
+
+@dataclass(eq=False)
+class ReplyContext:
+    """What a :class:`Reply` function sees.
+
+    Attributes:
+        received: this connection's receive-step chunks so far.
+        last: the bytes of the latest completed receive step (``b""`` if none).
+        record: the connection's :class:`~selectserver.ConnectionRecord`.
+        server: the server (``ctx.server.url`` for a redirect to itself); None once it is gone.
+        index: the connection's index on its server.
+        state: a dict kept for this connection across its Reply calls.
+    """
+
+    received: list[bytes]
+    last: bytes
+    record: Any
+    server: Any
+    index: int
+    state: dict[str, Any]
+
+
 # ---- compiled steps: what the step machine runs -----------------------------------------------
 
 
@@ -275,8 +386,9 @@ class ReadStep:
     """Read until a condition on this step's bytes holds.
 
     Exactly one condition is set: ``min_bytes`` (RECEIVE is 1, an int is itself; the step takes
-    every byte it has read), ``delimiter`` or ``regex`` (the step takes bytes up to the end of
-    the delimiter or match, and leaves the rest for the next receive step).
+    every byte it has read), ``delimiter``, ``regex`` or ``frame`` (a
+    :class:`ReceiveCondition`'s; the step takes bytes up to the end of the delimiter, match or
+    frame, and leaves the rest for the next receive step).
     """
 
     label: str
@@ -286,6 +398,7 @@ class ReadStep:
     max_width: int | None = None
     """The longest match ``regex`` can make, when that is known (the search can then skip
     what an earlier search already covered)."""
+    frame: Callable[[bytearray], int] | None = None
 
     @property
     def must_match(self) -> bool:
@@ -303,13 +416,14 @@ class SendStep:
     interval: float = 0.0
     jitter: float = 0.0
     seed: int = 0
+    raw: bool = False  # SendRaw: written beneath TLS
 
 
-Step = Union[ReadStep, SendStep, Delay, Throttle, StartTLS, Command]
+Step = Union[ReadStep, SendStep, Delay, Throttle, StartTLS, Command, Reply, Repeat, Gate]
 _EXPECTED = (
     "expected RECEIVE, an int > 0, str/bytes, or a step "
-    "(HANGUP, RESET, HALF_CLOSE, STALL, TRUNCATE, Delay, Drip, ReadUntil, Expect, Throttle, "
-    "Garbage, StartTLS)"
+    "(HANGUP, RESET, HALF_CLOSE, STALL, TRUNCATE, CLOSE, Delay, Drip, ReadUntil, Expect, "
+    "Throttle, Garbage, StartTLS, Reply, Repeat, Gate, SendRaw, ReadRequest)"
 )
 
 
@@ -391,6 +505,8 @@ def _compile_step(value: object) -> Step:
         return ReadStep(_label(value), delimiter=value.delimiter)
     if isinstance(value, Expect):
         return ReadStep(_label(value), regex=value.regex, max_width=_match_width(value.regex))
+    if isinstance(value, ReceiveCondition):
+        return ReadStep(_label(value), frame=value.frame)
     if isinstance(value, Drip):
         return SendStep(
             _label(value),
@@ -402,7 +518,9 @@ def _compile_step(value: object) -> Step:
         )
     if isinstance(value, Garbage):
         return SendStep(_label(value), value.data)
-    if isinstance(value, (Delay, Throttle, StartTLS)):
+    if isinstance(value, SendRaw):
+        return SendStep(_label(value), value.data, raw=True)
+    if isinstance(value, (Delay, Throttle, StartTLS, Reply, Repeat, Gate)):
         return value
     raise TypeError(_EXPECTED)
 
@@ -467,7 +585,7 @@ def compile_script(
     return tuple(steps)
 
 
-_FINAL = (Command.HANGUP, Command.RESET, Command.STALL, Command.TRUNCATE)
+_FINAL = (Command.HANGUP, Command.RESET, Command.STALL, Command.TRUNCATE, Command.CLOSE)
 
 
 def _check_order(before: list[Step], step: Step, half_closed: bool) -> None:

@@ -22,12 +22,14 @@ import ssl
 import stat
 import threading
 import urllib.parse
+import weakref
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _output
 from ._connection import Listener, format_address
+from ._control import GateControl, GateState, make_runner
 from ._reactor import Reactor, attach
 from ._records import DEFAULT_MAX_RECEIVE, ConnectionRecord, Latch, ServerLog
 from ._script import Step, compile_script
@@ -265,6 +267,9 @@ class CommandServer(_Endpoint):
             a throwaway CA (needs the ``tls`` extra, trustme); ``"expired"`` and
             ``"wrong-host"`` make certificates clients must reject; or pass your own
             ``ssl.SSLContext``. Scripts start with a handshake unless they place ``StartTLS``.
+        tls_client_auth: ask every client for a certificate signed by the throwaway CA
+            (``client_ssl_context(client_cert=True)`` presents one); the record's
+            ``peer_certificate`` holds it.
         path: listen on this Unix-domain socket path instead of TCP (a leading ``"\\0"``
             names a Linux abstract socket); the file is removed on close. Unix sockets have
             no RST: after ``RESET`` the peer reads EOF.
@@ -290,6 +295,7 @@ class CommandServer(_Endpoint):
         timeout: float | None = DEFAULT_TIMEOUT,
         max_receive: int = DEFAULT_MAX_RECEIVE,
         tls: TLSOption | None = None,
+        tls_client_auth: bool = False,
         path: str | bytes | None = None,
         reactor: Reactor | None = None,
     ) -> None:
@@ -302,7 +308,9 @@ class CommandServer(_Endpoint):
                 raise RuntimeError(f"reactor {reactor!r} is closed")
         if path is not None:
             _check_path(path)
-        self._tls = tls_material(tls)
+        if not isinstance(tls_client_auth, bool):
+            raise TypeError(f"tls_client_auth must be a bool, got {tls_client_auth!r}")
+        self._tls = tls_material(tls, client_auth=tls_client_auth)
         compiled = _compile_scripts(commands, scripts, tls=self._tls is not None)
         if max_connections is not None:
             _check_int("max_connections", max_connections, 1)
@@ -330,6 +338,8 @@ class CommandServer(_Endpoint):
             max_connections=max_connections,
             tls_context=None if self._tls is None else self._tls.context,
         )
+        self._gates: dict[str, GateControl] = {}
+        self._listener.owner = weakref.ref(self)
         if reactor is None:
             self._reactor: Reactor = attach(self._listener)
         elif reactor.add_server(self._listener):
@@ -338,8 +348,20 @@ class CommandServer(_Endpoint):
             self._listener.close(0.0)
             self._remove_socket_file()
             raise RuntimeError(f"reactor {reactor!r} is closed")
+        self._listener.run = self._run = make_runner(
+            self._reactor.submit, lambda: threading.current_thread() is self._reactor.thread
+        )
 
-    __slots__ = ("_close_calls", "_listener", "_log", "_reactor", "_socket_file", "_tls")
+    __slots__ = (
+        "_close_calls",
+        "_gates",
+        "_listener",
+        "_log",
+        "_reactor",
+        "_run",
+        "_socket_file",
+        "_tls",
+    )
 
     def _make_log(self, max_receive: int) -> ServerLog:
         return ServerLog(max_receive)
@@ -355,15 +377,50 @@ class CommandServer(_Endpoint):
         """
         return None if self._tls is None else self._tls.ca_path
 
-    def client_ssl_context(self) -> ssl.SSLContext:
+    def client_ssl_context(self, *, client_cert: bool = False) -> ssl.SSLContext:
         """A client ``ssl.SSLContext`` that trusts this server's CA (and checks hostnames).
+
+        With ``client_cert``, it also presents a client certificate signed by the same CA
+        (for ``tls_client_auth=True``; the server's record shows it as ``peer_certificate``).
 
         Raises:
             ValueError: the server has no TLS, or uses your own context.
         """
         if self._tls is None:
             raise ValueError("this server does not use TLS (pass tls=True)")
-        return self._tls.client_context()
+        return self._tls.client_context(client_cert=client_cert)
+
+    # ---- runtime control ----------------------------------------------------------------------
+
+    def gate(self, name: str) -> GateControl:
+        """The control of the script's ``Gate(name)``: wait for arrivals, resume, open, close."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"gate: name must be a non-empty str, got {name!r}")
+        control = self._gates.get(name)
+        if control is None:
+            state = self._listener.gates.setdefault(name, GateState(name))
+            if self._closing:
+                state.closed = True
+            control = self._gates.setdefault(name, GateControl(state, self._run))
+        return control
+
+    def down(self) -> None:
+        """Refuse new connections, keeping the port so nobody else can take it (as
+        ``RefusingServer`` does); live connections go on. In effect when it returns."""
+        self._run(self._listener.down)
+
+    def up(self) -> None:
+        """Listen again on the same port after :meth:`down`. In effect when it returns."""
+        self._run(self._listener.up)
+        if self._socket_file is not None:
+            self._socket_file = _SocketFile(self._socket_file.path)
+
+    def set_scripts(self, *scripts: object) -> None:
+        """Later connections run ``scripts`` (connection k of them runs ``scripts[k]``, counting
+        from 0 again, the last one repeating); live connections are not touched."""
+        compiled = _compile_scripts(None, list(scripts), tls=self._tls is not None)
+        listener = self._listener
+        self._run(lambda: listener.set_scripts(compiled))
 
     @property
     def received(self) -> list[bytes]:
@@ -388,6 +445,15 @@ class CommandServer(_Endpoint):
         records = self._log.wait_for_connections(n, timeout)
         _output.flush()
         return records
+
+    async def wait_for_connections_async(
+        self, n: int, timeout: float | None = 5.0
+    ) -> list[ConnectionRecord]:
+        """:meth:`wait_for_connections` for a coroutine, on any running asyncio loop.
+
+        The reactor wakes it with ``call_soon_threadsafe``; the loop runs meanwhile.
+        """
+        return await self._log.wait_for_connections_async(n, timeout)
 
     def check(self) -> None:
         """Raise ``AssertionError`` listing every server-side failure; silent if none.

@@ -34,18 +34,29 @@ class TLSMaterial:
     context: ssl.SSLContext
     ca_path: str | None
 
-    def client_context(self) -> ssl.SSLContext:
-        """A client context that trusts this server's CA and checks hostnames."""
+    def client_context(self, *, client_cert: bool = False) -> ssl.SSLContext:
+        """A client context that trusts this server's CA and checks hostnames; with
+        ``client_cert``, presenting a client certificate the same CA signed."""
         if self.ca_path is None:
             raise ValueError(
                 "this server uses an SSLContext you supplied: selectserver does not know "
                 "which CA signed its certificate"
             )
-        return ssl.create_default_context(cafile=self.ca_path)
+        context = ssl.create_default_context(cafile=self.ca_path)
+        if client_cert:
+            _client_cert().configure_cert(context)
+        return context
 
 
-def tls_material(option: object) -> TLSMaterial | None:
+#: The name in the client certificate that ``client_ssl_context(client_cert=True)`` presents.
+CLIENT_IDENTITY = "client.selectserver.test"
+
+
+def tls_material(option: object, *, client_auth: bool = False) -> TLSMaterial | None:
     """What ``tls=option`` means: None (no TLS), or the context and CA to use.
+
+    ``client_auth`` asks every client for a certificate signed by the throwaway CA
+    (``CERT_REQUIRED``); with your own context, set its ``verify_mode`` yourself.
 
     Raises:
         TypeError, ValueError: ``option`` is none of False/None, True, a certificate name
@@ -55,6 +66,11 @@ def tls_material(option: object) -> TLSMaterial | None:
     if option is None or option is False:
         return None
     if isinstance(option, ssl.SSLContext):
+        if client_auth:
+            raise ValueError(
+                "tls_client_auth applies to selectserver's certificates: with your own "
+                "SSLContext, set its verify_mode and load_verify_locations instead"
+            )
         return TLSMaterial(option, None)
     if option is True:
         option = "valid"
@@ -64,7 +80,7 @@ def tls_material(option: object) -> TLSMaterial | None:
         )
     if option not in CERTIFICATES:
         raise ValueError(f"tls must name one of the certificates {CERTIFICATES}, got {option!r}")
-    return TLSMaterial(_server_context(option), _ca()[1])
+    return TLSMaterial(_server_context(option, client_auth), _ca()[1])
 
 
 @functools.cache
@@ -93,7 +109,12 @@ def _remove(path: str) -> None:
 
 
 @functools.cache
-def _server_context(certificate: str) -> ssl.SSLContext:
+def _client_cert() -> Any:
+    return _ca()[0].issue_cert(CLIENT_IDENTITY)
+
+
+@functools.cache
+def _server_context(certificate: str, client_auth: bool = False) -> ssl.SSLContext:
     """A server context presenting the named certificate, shared by every server using it."""
     ca = _ca()[0]
     if certificate == "wrong-host":
@@ -109,4 +130,7 @@ def _server_context(certificate: str) -> ssl.SSLContext:
         cert = ca.issue_cert(*IDENTITIES)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(context)
+    if client_auth:
+        context.verify_mode = ssl.CERT_REQUIRED
+        ca.configure_trust(context)
     return context

@@ -31,7 +31,7 @@ READ_SIZE = 256 * 1024
 class TLSLayer:
     """The server side of one TLS session, over memory buffers."""
 
-    __slots__ = ("_eof", "_incoming", "_object", "_outgoing", "_shut")
+    __slots__ = ("_early", "_eof", "_incoming", "_object", "_outgoing", "_shut")
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self._incoming = ssl.MemoryBIO()
@@ -39,6 +39,7 @@ class TLSLayer:
         self._object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._eof = False  # the peer's transport closed
         self._shut = False  # close_notify is queued
+        self._early: bytes | ssl.SSLError | None = None  # read before close_notify was sent
 
     @property
     def version(self) -> str | None:
@@ -86,6 +87,11 @@ class TLSLayer:
 
     def read(self) -> bytes | None:
         """Plaintext the received records hold; ``b""`` at the peer's end; None: need more."""
+        early, self._early = self._early, None
+        if isinstance(early, ssl.SSLError):
+            raise early
+        if early:
+            return early
         chunks: list[bytes] = []
         while True:
             try:
@@ -114,6 +120,13 @@ class TLSLayer:
         if self._shut:
             return
         self._shut = True
+        # SSL_shutdown reads what is already received, and fails on application data there
+        # (dropping it): read it first, to hand it out after.
+        if self._incoming.pending:
+            try:
+                self._early = self.read() or None
+            except ssl.SSLError as exc:
+                self._early = exc
         try:
             self._object.unwrap()
         except ssl.SSLWantReadError:
