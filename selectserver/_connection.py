@@ -334,6 +334,19 @@ class Listener:
         """``connection`` has closed its socket."""
         self.connections.pop(connection, None)
 
+    def abandon(self, exc: BaseException) -> None:
+        """Closing failed with ``exc``: record it, and close what is left by force."""
+        self.log.add_failure(f"server {self.name}: closing failed: {describe_error(exc)}")
+        sock, self.sock = self.sock, None
+        if sock is not None and self.reactor is not None:
+            self.reactor.forget_file(sock)
+            sock.close()
+        self._mask = 0
+        self._cancel_retry()
+        self._drop_held()
+        for connection in list(self.connections):
+            connection.crash(exc)
+
     def drop_sockets(self) -> None:
         """In a forked child: close this process's copies of the sockets, and nothing else.
 

@@ -420,6 +420,11 @@ class StepMachine:
             if now < self._progress + self._timeout:
                 self._rearm()
                 return
+            if self._fresh and not self._buffer and self._in_endless_repeat():
+                # An idle keep-alive connection between requests: closing it is no failure.
+                self.record.detail = f"idle for {self._timeout:g} s between iterations"
+                self._end_script(Outcome.COMPLETED, now)
+                return
             self._end_early(
                 Outcome.TIMED_OUT,
                 f"timed out: {_SILENCE[type(action)]} for {self._timeout:g} s",

@@ -77,6 +77,7 @@ class ServerHandle(Protocol):
     def attach(self, reactor: Reactor) -> None: ...
     def close(self, now: float) -> None: ...
     def crash(self, exc: BaseException) -> None: ...
+    def abandon(self, exc: BaseException) -> None: ...
     def drop_sockets(self) -> None: ...
 
 
@@ -280,6 +281,10 @@ class Reactor:
                 self._unregister_quietly(fileobj)
             raise
 
+    def forget_file(self, fileobj: socket.socket) -> None:
+        """Make sure ``fileobj`` is not in the selector (before closing it by force)."""
+        self._unregister_quietly(fileobj)
+
     def is_registered(self, fileobj: socket.socket) -> bool:
         """Whether ``fileobj`` is in the selector."""
         try:
@@ -331,8 +336,7 @@ class Reactor:
         try:
             server.close(time.monotonic())
         except Exception as exc:
-            server.crash(exc)
-            server.drop_sockets()
+            server.abandon(exc)
 
     def _stop(self, alive: bool) -> None:
         self._closed = True
@@ -466,8 +470,8 @@ class Reactor:
                 if self.error is not None:
                     server.crash(self.error)
                 server.close(now)
-            except Exception:
-                server.drop_sockets()
+            except Exception as exc:
+                server.abandon(exc)
             _release(server)
         self._servers.clear()
         self._closing.clear()
@@ -482,6 +486,7 @@ class Reactor:
         self._closing.clear()
         self._timers.clear()
         self._ready.clear()
+        self._current = None
         self._release_files()
 
     def _release_files(self) -> None:

@@ -348,8 +348,9 @@ class CommandServer(_Endpoint):
             self._listener.close(0.0)
             self._remove_socket_file()
             raise RuntimeError(f"reactor {reactor!r} is closed")
+        thread = self._reactor.thread  # not self: the listener must not keep its server alive
         self._listener.run = self._run = make_runner(
-            self._reactor.submit, lambda: threading.current_thread() is self._reactor.thread
+            self._reactor.submit, lambda: threading.current_thread() is thread
         )
 
     __slots__ = (
