@@ -5,7 +5,8 @@ imports it. Every strategy checks its arguments when called, before anything is 
 raises ``hypothesis.errors.InvalidArgument`` (a ``TypeError``) naming the bad one.
 
 * :func:`scripts`: valid scripts mixing receive steps, sends and (by default) every kind of
-  misbehaviour, with knobs to switch each off and to bound sizes and delays;
+  misbehaviour, with knobs to switch each off, to bound sizes and delays, and to add TLS
+  (``StartTLS``) and ``TRUNCATE``;
 * :func:`http_responses`: valid, truncated and malformed HTTP/1.x responses, as scripts that
   read a request head first, with what a correct client should make of them;
 * the pieces they are built from, to use alone: :func:`receive_steps`, :func:`send_steps`,
@@ -36,11 +37,13 @@ from ._script import (
     RECEIVE,
     RESET,
     STALL,
+    TRUNCATE,
     Delay,
     Drip,
     Expect,
     Garbage,
     ReadUntil,
+    StartTLS,
     Throttle,
 )
 
@@ -191,6 +194,10 @@ def pauses(
     return st.one_of(options)
 
 
+#: How ``StartTLS(fail=...)`` breaks a handshake on purpose.
+_Failure = Literal["hangup", "reset", "garbage"]
+
+
 @st.composite
 def _scripts(
     draw: st.DrawFn,
@@ -201,19 +208,34 @@ def _scripts(
     pause: st.SearchStrategy[object] | None,
     half_close: bool,
     finals: tuple[object, ...],
+    tls: bool,
+    failures: tuple[_Failure, ...],
 ) -> list[object]:
     size = draw(st.integers(*sizes))
+    # After HALF_CLOSE the server may still read, and pause, but never send.
+    quiet_steps = st.one_of(receive, pause) if pause is not None else receive
+    any_step = st.one_of(quiet_steps, send)
+    start_tls: StartTLS | None = None
+    if tls and size and draw(st.booleans()):
+        size -= 1
+        start_tls = StartTLS()
+        if len(failures) > 0 and draw(st.booleans()):
+            # A broken handshake ends the connection: it comes last, with nothing final or
+            # HALF_CLOSE before it (the client could not start TLS after EOF).
+            fail = draw(st.sampled_from(failures))
+            steps = draw(st.lists(any_step, min_size=size, max_size=size))
+            return [*steps, StartTLS(fail)]
     final: list[object] = []
     if size and finals and draw(st.booleans()):
         final = [draw(st.sampled_from(finals))]
         size -= 1
-    # After HALF_CLOSE the server may still read, and pause, but never send.
-    quiet_steps = st.one_of(receive, pause) if pause is not None else receive
-    any_step = st.one_of(quiet_steps, send)
     split = size
     if half_close and size and draw(st.booleans()):
         split = draw(st.integers(0, size - 1))
     steps = draw(st.lists(any_step, min_size=split, max_size=split))
+    if start_tls is not None:
+        # Anywhere before HALF_CLOSE, which would end what the server sends (the handshake).
+        steps.insert(draw(st.integers(0, split)), start_tls)
     if split < size:
         steps.append(HALF_CLOSE)
         steps += draw(st.lists(quiet_steps, min_size=size - split - 1, max_size=size - split - 1))
@@ -234,6 +256,9 @@ def scripts(
     allow_delay: bool = True,
     allow_throttle: bool = True,
     allow_drip: bool = True,
+    tls: bool = False,
+    allow_broken_handshake: bool = True,
+    truncate: bool = False,
 ) -> st.SearchStrategy[list[object]]:
     """Valid scripts of ``min_steps`` to ``max_steps`` steps, with every misbehaviour allowed.
 
@@ -242,6 +267,14 @@ def scripts(
     only last, at most one ``HALF_CLOSE`` and no send after it. Each ``allow_*`` flag switches
     one kind of step off; ``max_delay`` bounds each Delay, Drip and throttled send, so a script
     runs within about ``max_steps * max_delay`` seconds.
+
+    Two knobs, off by default, add steps (a ``StartTLS`` counts as a step):
+
+    * ``tls``: scripts for a server made with ``tls=``. A script may have one ``StartTLS``,
+      first or after plain steps, but before ``HALF_CLOSE``; without one, the server starts
+      TLS first. If ``allow_broken_handshake``, it may instead end with a ``StartTLS(fail=...)``
+      that breaks the handshake ("hangup", "garbage", and "reset" if ``allow_reset``);
+    * ``truncate``: a script may end with ``TRUNCATE`` (FIN without TLS's close_notify).
 
     Example::
 
@@ -253,6 +286,10 @@ def scripts(
             with CommandServer(script, verbose=False) as server:
                 transcript = play(script, server.address, sync=server_sync(server))
             assert transcript == expected_transcript(script)
+
+    With ``tls=True``, serve with ``CommandServer(script, tls=True)``, play with
+    ``ssl_context=server.client_ssl_context()`` and expect ``expected_transcript(script,
+    tls=True)``.
     """
     low = _check_int("min_steps", min_steps, 0)
     high = _check_int("max_steps", max_steps, 0)
@@ -269,12 +306,23 @@ def scripts(
         allow_delay=allow_delay,
         allow_throttle=allow_throttle,
         allow_drip=allow_drip,
+        tls=tls,
+        allow_broken_handshake=allow_broken_handshake,
+        truncate=truncate,
     )
     finals = tuple(
         step
-        for step, allowed in ((HANGUP, allow_hangup), (RESET, allow_reset), (STALL, allow_stall))
+        for step, allowed in (
+            (HANGUP, allow_hangup),
+            (RESET, allow_reset),
+            (STALL, allow_stall),
+            (TRUNCATE, truncate),
+        )
         if allowed
     )
+    failures: tuple[_Failure, ...] = ()
+    if allow_broken_handshake:
+        failures = ("hangup", "reset", "garbage") if allow_reset else ("hangup", "garbage")
     pause = None
     if allow_delay or (allow_throttle and delay > 0):
         pause = pauses(
@@ -290,6 +338,8 @@ def scripts(
         pause=pause,
         half_close=allow_half_close,
         finals=finals,
+        tls=tls,
+        failures=failures,
     )
 
 
