@@ -329,6 +329,13 @@ class StepMachine:
                 self._close(reset=False)
             return
         step = self._step
+        if not data and self._search_due is not None:
+            assert isinstance(step, ReadStep)
+            self._search_due = None  # the search it deferred runs now, before the EOF
+            if self._try_read(step, now, deferred=True):
+                self._next_step(now)
+                self.receive_data(data, now)
+                return
         if not data:
             if self._fresh and not self._buffer and self._in_endless_repeat():
                 self._end_script(Outcome.COMPLETED, now)  # a keep-alive connection's end
@@ -411,6 +418,9 @@ class StepMachine:
             if self._try_read(step, now, deferred=True):
                 self._next_step(now)
                 return
+            if self._phase != _RUNNING:
+                return
+            self._rearm()  # no deferred search's deadline left behind
             action = self._action
         if (
             isinstance(action, (Receive, Send, Handshake, ShutdownWrite))
@@ -674,8 +684,8 @@ class StepMachine:
                     now,
                     failed=True,
                 )
-            elif self._search_due is not None and isinstance(self._action, Receive):
-                self._action = Receive(self._wake())
+            elif isinstance(self._action, Receive) and self._phase == _RUNNING:
+                self._action = Receive(self._wake())  # with a deferred search's deadline, or not
             return False
         data = bytes(buffer[:end])
         del buffer[:end]
@@ -788,6 +798,8 @@ class StepMachine:
         After the script has ended (while closing), a report like this only closes at once.
         """
         if self._phase != _RUNNING:
+            if failed and not self.record.ended and self.record.failure is None:
+                self.record.failure = f"while closing: {why}"  # an internal error, say
             if self._phase in (_SHUTTING, _DRAINING):
                 self._close(reset=False)
             return

@@ -52,6 +52,10 @@ class TimerHeap(Generic[T]):
             return
         entry[2] = None
         self._cancelled += 1
+        self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the heap without cancelled entries once they outnumber live ones."""
         if self._cancelled > len(self._heap) - self._cancelled + SLACK:
             self._heap = [entry for entry in self._heap if entry[2] is not None]
             heapq.heapify(self._heap)
@@ -73,6 +77,8 @@ class TimerHeap(Generic[T]):
                 continue
             entry[2] = None  # a handle to a fired timer cancels nothing
             due.append((entry[0], item))  # type: ignore[arg-type]
+        if due:
+            self._compact()
         return due
 
     def clear(self) -> None:

@@ -54,7 +54,7 @@ class TLSLayer:
     @property
     def buffered(self) -> bool:
         """Whether received ciphertext or decrypted plaintext waits to be read."""
-        return self._incoming.pending > 0 or self._object.pending() > 0
+        return self._early is not None or self._incoming.pending > 0 or self._object.pending() > 0
 
     def peer_certificate(self) -> dict[str, object] | None:
         """The client's certificate, if it sent one the context verified."""
@@ -123,10 +123,14 @@ class TLSLayer:
         # SSL_shutdown reads what is already received, and fails on application data there
         # (dropping it): read it first, to hand it out after.
         if self._incoming.pending:
+            chunks = []
             try:
-                self._early = self.read() or None
+                while chunk := self.read():
+                    chunks.append(chunk)
             except ssl.SSLError as exc:
                 self._early = exc
+            if chunks:
+                self._early = b"".join(chunks)  # an error, if any, comes with the next read
         try:
             self._object.unwrap()
         except ssl.SSLWantReadError:
