@@ -1,12 +1,13 @@
 """The command line: run a fake server in the foreground.
 
-python -m selectserver serve [--host H] [--port P] [--once] [STEP ...]
+python -m selectserver serve [--host H] [--port P] [--once] [--tls] [--script FILE | STEP ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import sys
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ from ._records import ConnectionRecord
 from ._script import Command, Delay, Expect, ReadUntil, compile_script
 from ._servers import CommandServer
 
-__all__ = ["DEMO_SCRIPT", "main", "parse_step"]
+__all__ = ["DEMO_SCRIPT", "format_transcript", "load_script", "main", "parse_step"]
 
 _DEMO_BODY = b"hello from selectserver\n"
 #: With no steps, the server answers any HTTP request with this small 200 response.
@@ -32,13 +33,17 @@ steps (played in order to every connection):
   until:TEXT           read until TEXT arrives (e.g. until:\\r\\n\\r\\n)
   expect:REGEX         read until REGEX matches; a miss is reported
   delay:SECONDS        pause
-  HANGUP (or BREAK) RESET HALF_CLOSE STALL
-                       close (FIN), reset (RST), shut the sending side, hang forever
+  HANGUP (or BREAK) RESET HALF_CLOSE STALL TRUNCATE
+                       close (FIN), reset (RST), shut the sending side, hang forever,
+                       close without TLS close_notify
   text:TEXT or TEXT    send TEXT (backslash escapes such as \\r\\n work)
 
 With no steps, a demo script answers any HTTP request with a small 200 response.
-Example:
+--script FILE reads the steps from a JSON list instead: each element is a STEP word
+as above (a string) or an integer, e.g. ["until:\\r\\n\\r\\n", "HTTP/1.0 200 OK\\r\\n\\r\\nhi"].
+Examples:
   python -m selectserver serve --port 8080 RECEIVE 'HTTP/1.0 200 OK\\r\\n\\r\\nhi'
+  python -m selectserver serve --tls --script steps.json
 """
 
 
@@ -72,24 +77,82 @@ def _parse_step(word: str) -> object:
     return _unescape(word)
 
 
-def format_transcript(record: ConnectionRecord) -> str:
-    """A connection's record as a few readable lines."""
+def load_script(path: str) -> list[object]:
+    """The steps of a ``--script`` file: a JSON list of STEP words (strings) and integers.
+
+    Raises:
+        ValueError: the file is unreadable, not a JSON list, or an element is not a valid
+            step; the message names the file and the element's index.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            document = json.load(file)
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: {exc}") from None
+    if not isinstance(document, list):
+        raise ValueError(f"{path}: expected a JSON list of steps, got {type(document).__name__}")
+    steps: list[object] = []
+    for index, element in enumerate(document):
+        try:
+            if isinstance(element, str):
+                steps.append(_parse_step(element))
+            elif isinstance(element, int) and not isinstance(element, bool):
+                steps.append(element)
+            else:
+                raise TypeError("expected a STEP word (a JSON string) or an integer")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: script[{index}] = {json.dumps(element)}: {exc}") from None
+    try:
+        compile_script(steps, tls=True)  # the order of steps; the server checks TLS itself
+    except (TypeError, ValueError) as exc:  # it names the step: script[3] = ...
+        raise ValueError(f"{path}: {exc}") from None
+    return steps
+
+
+#: Receive steps a transcript shows at most (the first and last halves); the rest are counted.
+MAX_TRANSCRIPT_STEPS = 20
+
+
+def format_transcript(record: ConnectionRecord, *, limit: int = 200) -> str:
+    """A connection's record as a few readable lines, with at most ``limit`` bytes per payload.
+
+    One ``<-`` line per receive step (at most ``MAX_TRANSCRIPT_STEPS``), one ``->`` line for
+    everything sent, then why it ended early and its failure, if any.
+    """
     lines = [
         f"connection {record.index} from {format_address(record.peer)}: "
         f"{record.outcome.value if record.outcome else 'running'}"
     ]
-    lines += [f"  <- {_preview(chunk)}" for chunk in record.received]
+    received = list(record.received)
+    if len(received) > MAX_TRANSCRIPT_STEPS:
+        half = MAX_TRANSCRIPT_STEPS // 2
+        hidden = received[half:-half]
+        lines += [f"  <- {_preview(chunk, limit)}" for chunk in received[:half]]
+        lines.append(f"  <- ... {len(hidden)} more steps, {sum(map(len, hidden))} bytes")
+        received = received[-half:]
+    lines += [f"  <- {_preview(chunk, limit)}" for chunk in received]
     sent = record.sent
     if sent:
-        lines.append(f"  -> {_preview(sent)}")
+        lines.append(f"  -> {_preview(sent, limit)}")
+    uncounted = [
+        f"{count} bytes {what}"
+        for count, what in ((record.discarded, "discarded"), (record.dropped, "dropped"))
+        if count
+    ]
+    if uncounted:
+        lines.append(f"  ({', '.join(uncounted)})")
+    if record.detail and not (record.failure and record.detail in record.failure):
+        lines.append(f"  at step {record.step}: {record.detail}")
     if record.failure:
         lines.append(f"  FAILED: {record.failure}")
     return "\n".join(lines)
 
 
 def _preview(data: bytes, limit: int = 200) -> str:
-    text = repr(data)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(data)} bytes)"
+    """``repr(data)``, or of its first ``limit`` bytes and the full length."""
+    if len(data) <= limit:
+        return repr(data)
+    return f"{data[:limit]!r}... ({len(data)} bytes)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +179,15 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds a step waits for the client (default 30)",
     )
+    serve.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve TLS with a certificate from a throwaway CA, whose PEM file is printed "
+        "(needs selectserver[tls])",
+    )
+    serve.add_argument(
+        "--script", metavar="FILE", help="read the steps from a JSON list instead of STEPs"
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="print every event")
     serve.add_argument("steps", nargs="*", type=parse_step, metavar="STEP")
     return parser
@@ -123,10 +195,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = _parser().parse_args(argv)
-    steps = args.steps or DEMO_SCRIPT
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.script is not None and args.steps:
+        parser.error("give --script FILE or STEP arguments, not both")
     try:
-        compile_script(steps)
+        if args.script is not None:
+            steps = load_script(args.script)
+        else:
+            steps = args.steps or DEMO_SCRIPT
+            compile_script(steps, tls=args.tls)
         server = CommandServer(
             steps,
             args.host,
@@ -134,11 +212,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.verbose,
             max_connections=1 if args.once else None,
             timeout=args.timeout,
+            tls=True if args.tls else None,
         )
-    except (TypeError, ValueError, OSError) as exc:
+    except (TypeError, ValueError, OSError, ImportError) as exc:
         print(f"selectserver: error: {exc}", file=sys.stderr)
         return 2
     print(f"selectserver: serving on {server.url} (Ctrl-C to stop)", flush=True)
+    if server.ca_path is not None:
+        print(
+            f"selectserver: CA certificate: {server.ca_path} "
+            f"(e.g. curl --cacert {server.ca_path} {server.url}/)",
+            flush=True,
+        )
     printed: set[int] = set()
     try:
         with server:

@@ -11,16 +11,20 @@ conftest. ::
 Every server the fixture made is closed right after the test function returns, then its
 ``check()`` runs, so a server-side failure (an unmatched ``Expect``, a timeout) fails the test
 that made the server. If the test already failed, the servers' failures are added to its report
-instead. Importing this module starts no reactor and imports no Hypothesis.
+instead. The report of a failing test also gets a section per server, ``selectserver <url>``,
+with the transcript of each of its connections (bytes both ways, outcome, failure; long
+payloads cut short). Importing this module starts no reactor and imports no Hypothesis.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from typing import Protocol
 
 import pytest
 
+from .__main__ import format_transcript
 from ._servers import CommandServer
 
 __all__ = ["CommandServerFactory", "command_server"]
@@ -47,7 +51,9 @@ class _Servers:
     """The servers one test made, closed and checked once."""
 
     def __init__(self) -> None:
-        self.servers: list[CommandServer] = []
+        self.servers: list[CommandServer] = []  # not finished yet
+        self.made: list[CommandServer] = []  # all of them, for the transcripts
+        self.reported = False  # whether a failed report of this test has the transcripts
 
     def start(
         self,
@@ -61,6 +67,7 @@ class _Servers:
         factory: Callable[..., CommandServer] = server_class
         server = factory(commands, **kwargs)
         self.servers.append(server)
+        self.made.append(server)
         return server
 
     def finish(self) -> list[str]:
@@ -71,7 +78,7 @@ class _Servers:
             try:
                 server.close()
                 server.check()
-            except (AssertionError, RuntimeError) as exc:
+            except (AssertionError, RuntimeError, TimeoutError) as exc:
                 problems.append(f"{server!r}: {exc}")
         return problems
 
@@ -81,6 +88,24 @@ _KEY = pytest.StashKey[_Servers]()
 
 def _report(problems: list[str]) -> str:
     return "selectserver: server-side failures\n" + "\n".join(problems)
+
+
+#: Connections a server's section shows at most; the others are counted by outcome.
+MAX_REPORTED_CONNECTIONS = 20
+
+
+def _format_server(server: CommandServer) -> str:
+    """The transcripts of a server's connections, for a failing test's report."""
+    records = list(server.connections)
+    if not records:
+        return "no connections"
+    parts = [format_transcript(record) for record in records[:MAX_REPORTED_CONNECTIONS]]
+    rest = records[MAX_REPORTED_CONNECTIONS:]
+    if rest:
+        outcomes = Counter(r.outcome.value if r.outcome else "running" for r in rest)
+        counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
+        parts.append(f"... and {len(rest)} more connections: {counts}")
+    return "\n".join(parts)
 
 
 @pytest.fixture
@@ -113,3 +138,22 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     if problems:
         pytest.fail(_report(problems), pytrace=False)
     return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Give the first failed report of a test a section per server it made: its transcripts."""
+    report = yield
+    servers = item.stash.get(_KEY, None)
+    if servers is None or not servers.made or not report.failed or servers.reported:
+        return report
+    servers.reported = True
+    problems = servers.finish()  # after a failed setup the servers still run: end them now
+    if problems:
+        report.sections.append((f"Captured selectserver {call.when}", _report(problems)))
+    for server in servers.made:
+        title = f"Captured selectserver {server.url} {call.when}"
+        report.sections.append((title, _format_server(server)))
+    return report

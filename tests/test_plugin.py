@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import http.cookiejar  # noqa: F401 - see below
 import importlib.metadata
+import re
 import subprocess
 import sys
 
 import pytest
+
+# pytester's in-process runs drop the modules they import from sys.modules, but not the attribute
+# an import sets on the parent package: a later ``from http import cookiejar`` (requests.compat)
+# would get the dropped module while ``from http.cookiejar import CookieJar`` gets a fresh one, and
+# requests then fails ("You can only merge into CookieJar"). Imported here, it is imported once.
 
 pytest_plugins = ["pytester"]
 
@@ -97,6 +104,156 @@ def test_a_failing_test_reports_its_servers_too(user_project: pytest.Pytester) -
     result.stdout.fnmatch_lines(
         ["*the client's own failure*", "*Captured selectserver call*", "*Expect(pattern=b'never')*"]
     )
+
+
+def test_a_failing_test_shows_each_servers_transcripts(user_project: pytest.Pytester) -> None:
+    user_project.makepyfile(
+        """
+        import socket
+        from selectserver import RECEIVE, RESET
+
+        def test_client_fails(command_server):
+            ok = command_server([RECEIVE, b"pong"], verbose=False, timeout=5)
+            broken = command_server([RECEIVE, RESET], verbose=False, timeout=5)
+            command_server([], verbose=False)  # never connected to
+            print("urls", ok.url, broken.url)
+            for server in (ok, broken):
+                with socket.create_connection(server.address, timeout=5) as sock:
+                    sock.sendall(b"ping " + b"x" * 1000)
+                    try:
+                        sock.recv(10)
+                    except ConnectionResetError:
+                        pass
+                server.wait_for_connections(1)
+            assert False, "the client got it wrong"
+        """
+    )
+    result = user_project.runpytest(*NO_ENTRY_POINT)
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    found = re.search(r"urls (http://\S+) (http://\S+)", out)
+    assert found, out
+    ok_url, broken_url = found[1], found[2]
+    result.stdout.fnmatch_lines(
+        [
+            f"*Captured selectserver {ok_url} call*",
+            "connection 0 from 127.0.0.1:*: completed",
+            "  <- b'ping xxx*'... (1005 bytes)",
+            "  -> b'pong'",
+            f"*Captured selectserver {broken_url} call*",
+            "connection 0 from 127.0.0.1:*: reset",
+            "*Captured selectserver http://127.0.0.1:* call*",
+            "no connections",
+        ]
+    )
+    assert "x" * 201 not in out  # payloads are previewed, not printed whole
+
+
+def test_a_test_failing_only_server_side_shows_the_transcript(
+    user_project: pytest.Pytester,
+) -> None:
+    user_project.makepyfile(
+        """
+        import socket
+        from selectserver import Expect
+
+        def test_sends_the_wrong_greeting(command_server):
+            server = command_server([Expect(b"HELLO"), b"hi"], verbose=False, timeout=5)
+            with socket.create_connection(server.address, timeout=5) as sock:
+                sock.sendall(b"GOODBYE")
+            server.wait_for_connections(1)
+        """
+    )
+    result = user_project.runpytest(*NO_ENTRY_POINT)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*Captured selectserver http://127.0.0.1:* call*",
+            "connection 0 from 127.0.0.1:*: peer closed",
+            "  <- b'GOODBYE'",
+            "  FAILED: step 0 (Expect(pattern=b'HELLO')): *",
+        ]
+    )
+
+
+def test_a_failed_setup_shows_the_transcripts_of_servers_made_so_far(
+    user_project: pytest.Pytester,
+) -> None:
+    user_project.makepyfile(
+        """
+        import socket
+        import pytest
+        from selectserver import RECEIVE
+
+        @pytest.fixture
+        def connected(command_server):
+            server = command_server([RECEIVE, b"welcome"], verbose=False, timeout=5)
+            with socket.create_connection(server.address, timeout=5) as sock:
+                sock.sendall(b"login")
+                sock.recv(10)
+            raise RuntimeError("setup broke")
+
+        def test_never_runs(connected):
+            pass
+        """
+    )
+    result = user_project.runpytest(*NO_ENTRY_POINT)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*setup broke*", "*Captured selectserver http://127.0.0.1:* setup*", "  <- b'login'"]
+    )
+
+
+def test_a_failed_teardown_shows_the_transcripts(user_project: pytest.Pytester) -> None:
+    user_project.makepyfile(
+        """
+        import socket
+        import pytest
+        from selectserver import Expect
+
+        @pytest.fixture
+        def checked_on_the_way_out(command_server):
+            yield
+            server = command_server([Expect(b"bye")], verbose=False, timeout=5)
+            with socket.create_connection(server.address, timeout=5) as sock:
+                sock.sendall(b"later")
+            server.wait_for_connections(1)
+
+        def test_passes(checked_on_the_way_out):
+            pass
+        """
+    )
+    result = user_project.runpytest(*NO_ENTRY_POINT)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_passes*",
+            "*Captured selectserver http://127.0.0.1:* teardown*",
+            "  <- b'later'",
+            "  FAILED: step 0 (Expect(pattern=b'bye')): *",
+        ]
+    )
+
+
+def test_a_passing_test_shows_no_transcript(user_project: pytest.Pytester) -> None:
+    user_project.makepyfile(
+        """
+        import socket
+        from selectserver import RECEIVE
+
+        def test_passes(command_server):
+            server = command_server([RECEIVE, b"pong"], verbose=False, timeout=5)
+            with socket.create_connection(server.address, timeout=5) as sock:
+                sock.sendall(b"ping")
+                assert sock.recv(10) == b"pong"
+            print("the test's own output")
+        """
+    )
+    result = user_project.runpytest("-rA", *NO_ENTRY_POINT)  # -rA shows passing tests' sections
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*Captured stdout call*", "the test's own output"])
+    assert "Captured selectserver" not in result.stdout.str()
+    assert "connection 0" not in result.stdout.str()
 
 
 def test_servers_made_in_other_fixtures_are_checked(user_project: pytest.Pytester) -> None:
