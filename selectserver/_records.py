@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 __all__ = ["DEFAULT_MAX_RECEIVE", "ConnectionRecord", "Latch", "Outcome", "ServerLog", "Signal"]
 
-_WAITERS_LOCK = threading.Lock()  # makes each ServerLog's Signal once (waiters only)
+# Makes each ServerLog's Signal once (waiters only). Re-entrant: a signal handler that waits
+# may interrupt its own thread while it holds the lock.
+_WAITERS_LOCK = threading.RLock()
 
 #: What one connection's record keeps of the bytes it received, unless told otherwise.
 DEFAULT_MAX_RECEIVE = 64 * 1024 * 1024

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _checks import run_to_close
 
 from selectserver import (
     BREAK,
@@ -30,8 +31,6 @@ from selectserver import (
 from selectserver._machine import Done, Send, StepMachine
 from selectserver._records import ConnectionRecord, Outcome
 from selectserver._script import TRUNCATE, ReadStep, SendStep, StartTLS
-
-from _checks import run_to_close
 
 EXPECTED = "expected RECEIVE, an int > 0, str/bytes, or a step"
 NOT_A_LIST = "script must be a list of steps or a str/bytes, got"
