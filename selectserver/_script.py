@@ -430,6 +430,7 @@ _EXPECTED = (
 #: The most bytes one Garbage step makes.
 MAX_GARBAGE = 64 * 1024 * 1024
 LABEL_LENGTH = 60
+_BRACKETS = {list: ("[", "]"), tuple: ("(", ")")}
 
 
 def _label(value: object) -> str:
@@ -447,8 +448,16 @@ def _label(value: object) -> str:
         text = f"{type(value).__name__}({fields})"
     elif isinstance(value, re.Pattern):
         text = f"re.compile({_label(value.pattern)})"
-    elif isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) > 8:
-        text = f"<{type(value).__name__} of {len(value)} items>"
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = ", ".join([_label(item) for item in list(value)[:4]])
+        items += (
+            ", ..." if len(value) > 4 else "," if len(value) == 1 and type(value) is tuple else ""
+        )
+        opening, closing = _BRACKETS.get(type(value), ("{", "}"))
+        text = opening + items + closing
+    elif isinstance(value, dict):
+        pairs = [f"{_label(k)}: {_label(v)}" for k, v in list(value.items())[:4]]
+        text = "{" + ", ".join(pairs) + (", ...}" if len(value) > 4 else "}")
     else:
         text = repr(value)
     return text if len(text) <= LABEL_LENGTH else text[: LABEL_LENGTH - 3] + "..."
