@@ -127,7 +127,6 @@ class Listener:
         "name",
         "owner",
         "reactor",
-        "run",
         "script_base",
         "scripts",
         "sock",
@@ -167,7 +166,6 @@ class Listener:
         self.script_base = 0  # connection index from which ``scripts`` counts (set_scripts)
         self.gates: dict[str, GateState] = {}
         self.owner: Callable[[], object] = _nobody  # the public server, weakly
-        self.run: Callable[[Callable[[], None]], None] = _inline  # runs control commands
 
     @property
     def tracing(self) -> bool:
@@ -242,6 +240,7 @@ class Listener:
         """Close the listening socket: later connects are refused."""
         sock = self.sock
         if sock is None:
+            self._drop_held()
             return
         try:
             self._listen(False)  # unregister while the socket is still open
@@ -258,6 +257,7 @@ class Listener:
         sock = self.sock
         if sock is None:
             return
+        self._accept_backlog(sock)  # their connect() succeeded: they are served, not reset
         self.stop_listening()
         if sock.family != _AF_UNIX:
             held = socket.socket(sock.family, socket.SOCK_STREAM)
@@ -272,6 +272,18 @@ class Listener:
                 raise
             self._held = held
         self.event("down: refusing connections")
+
+    def _accept_backlog(self, sock: socket.socket) -> None:
+        for _ in range(socket.SOMAXCONN):
+            try:
+                conn, peer = sock.accept()
+            except _WOULD_BLOCK:
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    continue
+                return
+            self._start(conn, peer)
 
     def up(self, backlog: int = socket.SOMAXCONN) -> None:
         """Listen again on the same port (after :meth:`down`)."""
@@ -308,7 +320,8 @@ class Listener:
             connection.machine.resume((), now)
             return True
         gate.parked[connection] = None
-        gate.arrivals.append(Parked(connection, gate, self.run))
+        assert self.reactor is not None
+        gate.arrivals.append(Parked(connection, gate, self.reactor))
         gate.signal.notify()
         self.event("#%d parked at gate %r", connection.record.index, name)
         return False
@@ -801,10 +814,6 @@ _PERFORM: dict[type, Callable[[Connection, object, float], bool]] = {
 
 def _nobody() -> object:
     return None
-
-
-def _inline(command: Callable[[], None]) -> None:
-    command()
 
 
 def _unlink_socket(path: object) -> None:

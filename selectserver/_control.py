@@ -9,6 +9,7 @@ reactor commands, so nothing races with the reactor thread.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -18,13 +19,12 @@ from ._script import compile_script
 
 if TYPE_CHECKING:
     from ._connection import Connection
+    from ._reactor import Reactor
 
-__all__ = ["GateControl", "GateState", "Parked", "make_runner"]
+__all__ = ["GateControl", "GateState", "Parked", "make_runner", "run_on_reactor"]
 
 #: How long a control call waits for the reactor to carry it out.
 CONTROL_SECONDS = 30.0
-
-Run = Callable[[Callable[[], None]], None]  # runs a function on the reactor thread, waits
 
 
 class GateState:
@@ -44,12 +44,12 @@ class GateState:
 class Parked:
     """A connection parked at a gate, as :meth:`GateControl.wait` hands it to the test."""
 
-    __slots__ = ("_connection", "_run", "_state", "record")
+    __slots__ = ("_connection", "_reactor", "_state", "record")
 
-    def __init__(self, connection: Connection, state: GateState, run: Run) -> None:
+    def __init__(self, connection: Connection, state: GateState, reactor: Reactor) -> None:
         self._connection = connection
         self._state = state
-        self._run = run
+        self._reactor = reactor
         self.record: ConnectionRecord = connection.record
 
     def resume(self, steps: Sequence[object] = ()) -> None:
@@ -57,7 +57,9 @@ class Parked:
         script. Nothing happens if it has gone meanwhile (the server closed)."""
         compiled = compile_script(steps, name="resume steps") if steps else ()
         connection, state = self._connection, self._state
-        self._run(lambda: connection.pass_gate(state, compiled))
+        run_on_reactor(
+            self._reactor, lambda: connection.pass_gate(state, compiled), if_running=True
+        )
 
     def __repr__(self) -> str:
         return f"<Parked connection {self.record.index} at gate {self._state.name!r}>"
@@ -66,11 +68,11 @@ class Parked:
 class GateControl:
     """What ``server.gate(name)`` returns: wait for arrivals, let them go, open or close."""
 
-    __slots__ = ("_run", "_state")
+    __slots__ = ("_reactor", "_state")
 
-    def __init__(self, state: GateState, run: Run) -> None:
+    def __init__(self, state: GateState, reactor: Reactor) -> None:
         self._state = state
-        self._run = run
+        self._reactor = reactor
 
     @property
     def name(self) -> str:
@@ -107,12 +109,12 @@ class GateControl:
     def open(self) -> None:
         """Let every parked connection, and every later one, pass."""
         state = self._state
-        self._run(lambda: _open(state, True))
+        run_on_reactor(self._reactor, lambda: _open(state, True), if_running=True)
 
     def close(self) -> None:
         """Park later arrivals again (connections already let go go on)."""
         state = self._state
-        self._run(lambda: _open(state, False))
+        run_on_reactor(self._reactor, lambda: _open(state, False), if_running=True)
 
     def __repr__(self) -> str:
         state = self._state
@@ -129,9 +131,44 @@ def _open(state: GateState, opened: bool) -> None:
             connection.pass_gate(state, ())
 
 
+def run_on_reactor(
+    reactor: Reactor, command: Callable[[], None], *, if_running: bool = False
+) -> None:
+    """Run ``command`` on ``reactor``'s thread and wait until it has run (raising what it
+    raised).
+
+    On the reactor thread itself (a Reply calling ``server.down()``) the command is queued and
+    takes effect at the end of the pass.
+    """
+    if threading.current_thread() is reactor.thread:
+        reactor.submit(command)
+        return
+    done = Latch()
+    failure: list[BaseException] = []
+
+    def carry_out() -> None:
+        try:
+            command()
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            done.set()
+
+    if not reactor.submit(carry_out):
+        if if_running:
+            return
+        raise RuntimeError("the server is closed")
+    if not done.wait(CONTROL_SECONDS):
+        raise TimeoutError(
+            f"the reactor did not carry out the call within {CONTROL_SECONDS} s: {reactor.doing()}"
+        )
+    if failure:
+        raise failure[0]
+
+
 def make_runner(
     submit: Callable[[Callable[[], None]], bool], on_reactor: Callable[[], bool]
-) -> Run:
+) -> Callable[[Callable[[], None]], None]:
     """A function that runs a command on the reactor thread and waits until it has run.
 
     On the reactor thread itself (a Reply calling ``server.down()``) the command is queued and

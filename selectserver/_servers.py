@@ -23,13 +23,13 @@ import stat
 import threading
 import urllib.parse
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _output
 from ._connection import Listener, format_address
-from ._control import GateControl, GateState, make_runner
+from ._control import GateControl, GateState, run_on_reactor
 from ._reactor import Reactor, attach
 from ._records import DEFAULT_MAX_RECEIVE, ConnectionRecord, Latch, ServerLog
 from ._script import Step, compile_script
@@ -338,7 +338,7 @@ class CommandServer(_Endpoint):
             max_connections=max_connections,
             tls_context=None if self._tls is None else self._tls.context,
         )
-        self._gates: dict[str, GateControl] = {}
+        self._gates: dict[str, GateControl] | None = None  # made by the first gate()
         self._listener.owner = weakref.ref(self)
         if reactor is None:
             self._reactor: Reactor = attach(self._listener)
@@ -348,10 +348,6 @@ class CommandServer(_Endpoint):
             self._listener.close(0.0)
             self._remove_socket_file()
             raise RuntimeError(f"reactor {reactor!r} is closed")
-        thread = self._reactor.thread  # not self: the listener must not keep its server alive
-        self._listener.run = self._run = make_runner(
-            self._reactor.submit, lambda: threading.current_thread() is thread
-        )
 
     __slots__ = (
         "_close_calls",
@@ -359,7 +355,6 @@ class CommandServer(_Endpoint):
         "_listener",
         "_log",
         "_reactor",
-        "_run",
         "_socket_file",
         "_tls",
     )
@@ -397,13 +392,18 @@ class CommandServer(_Endpoint):
         """The control of the script's ``Gate(name)``: wait for arrivals, resume, open, close."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"gate: name must be a non-empty str, got {name!r}")
+        if self._gates is None:
+            self._gates = {}
         control = self._gates.get(name)
         if control is None:
             state = self._listener.gates.setdefault(name, GateState(name))
             if self._closing:
                 state.closed = True
-            control = self._gates.setdefault(name, GateControl(state, self._run))
+            control = self._gates.setdefault(name, GateControl(state, self._reactor))
         return control
+
+    def _run(self, command: Callable[[], None]) -> None:
+        run_on_reactor(self._reactor, command)
 
     def down(self) -> None:
         """Refuse new connections, keeping the port so nobody else can take it (as
