@@ -253,6 +253,9 @@ def test_statistics_counts_servers_and_connections() -> None:
     before = selectserver.statistics()
     with CommandServer(HOLD, verbose=False) as srv, connect(srv.address) as client:
         _hold(client)
+        passed = threading.Event()  # a pass of the loop after the one that sent "ok"
+        srv._reactor.submit(passed.set)
+        assert passed.wait(5)
         stats = selectserver.statistics()
         assert stats.running
         assert stats.thread_name == "selectserver-reactor"
