@@ -163,8 +163,9 @@ class Done:
 
 
 Action = Union[Receive, Send, Wait, ShutdownWrite, Handshake, Park, Close, Done]
-#: Runs a Reply's function: ``call(fn, context, label)`` (the executor times it).
-Caller = Callable[[Callable[[ReplyContext], object], ReplyContext, str], object]
+#: Runs a Reply's function, or the check of the steps it returned: ``call(fn, argument,
+#: label)`` (the executor times it).
+Caller = Callable[[Callable[[Any], Any], Any, str], Any]
 
 #: A throttled send hands out slices worth this many seconds of its rate.
 THROTTLE_SLICE_SECONDS = 0.01
@@ -644,7 +645,8 @@ class StepMachine:
             return False
         if isinstance(result, (list, tuple)):
             try:
-                steps = compile_script(result, name="Reply result")
+                # Checked on the reactor thread too: timed like the function (it may be long).
+                steps = self._call(_compile_result, result, f"{_step_label(step)}'s steps")
             except (TypeError, ValueError) as exc:
                 self.fail(f"it returned bad steps: {exc}", now)
                 return False
@@ -868,6 +870,10 @@ def _step_label(step: object) -> str:
     if isinstance(step, Repeat):
         return f"Repeat({len(step.steps)} steps, times={step.times})"
     return repr(step)
+
+
+def _compile_result(result: object) -> tuple[Step, ...]:
+    return compile_script(result, name="Reply result")
 
 
 def _short(value: object) -> str:
