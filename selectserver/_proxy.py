@@ -1,0 +1,1195 @@
+"""FaultProxy: a TCP proxy on the shared reactor that passes bytes on faithfully, or with faults.
+
+Each accepted client gets its own upstream connection, connected without blocking on the
+reactor thread (``connect_ex``, then ``WRITE`` readiness and ``SO_ERROR``): no thread per proxy
+or connection. Bytes go through two :class:`~selectserver._faults.Flow` objects, one per
+direction, which decide what goes out when (the faults, pacing, delays, backpressure); the
+:class:`ProxyConnection` here only carries out what they ask with socket calls.
+
+On the wire the proxy is faithful: a FIN is passed on as a FIN (``shutdown(SHUT_WR)``: half-close
+works both ways), an RST as an RST (a side's reset closes the other side with ``SO_LINGER`` 0),
+and only then; ordinary closes never use linger 0. An unreachable upstream resets the client
+right after accept (or closes it with FIN, ``on_upstream_error="close"``). TLS passes through as
+ciphertext. Faults, records and recordings: see ``_faults.py`` and ``_recording.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
+
+from . import _output
+from ._connection import (
+    ACCEPT_BATCH,
+    ACCEPT_RETRY_SECONDS,
+    CALLS_PER_TURN,
+    describe_error,
+    format_address,
+)
+from ._control import run_on_reactor
+from ._faults import (
+    AnyFault,
+    Bandwidth,
+    End,
+    Fault,
+    FaultHandle,
+    Flow,
+    Hold,
+    Latency,
+    LimitData,
+    PassEnd,
+    ResetPeer,
+    Send,
+    Sleep,
+    Slicer,
+    SlowClose,
+    Timeout,
+)
+from ._machine import DRAIN_BYTES, DRAIN_SECONDS
+from ._reactor import Reactor, attach
+from ._recording import (
+    Chunk,
+    ProxyLog,
+    ProxyRecord,
+    load_recording,
+    record_script,
+    save_document,
+    to_document,
+)
+from ._records import DEFAULT_MAX_RECEIVE, Latch, Outcome
+from ._servers import (
+    CLOSE_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    _bind,
+    _bind_unix,
+    _check_int,
+    _check_path,
+    _check_seconds,
+    _Endpoint,
+    _is_abstract,
+    _SocketFile,
+)
+
+__all__ = [
+    "Bandwidth",
+    "Chunk",
+    "Fault",
+    "FaultHandle",
+    "FaultProxy",
+    "Hold",
+    "Latency",
+    "LimitData",
+    "ProxyRecord",
+    "ResetPeer",
+    "Slicer",
+    "SlowClose",
+    "Timeout",
+    "load_recording",
+]
+
+logger = logging.getLogger("selectserver")
+
+READ = 1  # selectors.EVENT_READ
+WRITE = 2  # selectors.EVENT_WRITE
+#: bytes one recv() takes at most (with MAX_BUFFERED, bounds what a flow holds)
+READ_SIZE = 64 * 1024
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+_AF_UNIX = getattr(socket, "AF_UNIX", None)
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
+_RESETS = (ConnectionResetError, BrokenPipeError)
+#: connect_ex() results that mean "under way" for TCP (a Unix connect completes or fails at once)
+_IN_PROGRESS = frozenset(
+    getattr(errno, name)
+    for name in ("EINPROGRESS", "EWOULDBLOCK", "EINTR", "WSAEWOULDBLOCK")
+    if hasattr(errno, name)
+)
+#: accept() errors that concern only the connection being accepted: the listener goes on
+_ACCEPT_TRANSIENT = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPERM",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)
+
+_CONNECTING, _OPEN, _DRAINING, _DONE = range(4)
+
+Target = tuple[int, Any]  # (address family, address) to connect to
+
+
+class _Side:
+    """One of a proxied connection's two sockets, and what we know of it."""
+
+    __slots__ = ("blocked", "closed", "mask", "name", "readable", "reading", "sock")
+
+    def __init__(self, name: str, sock: socket.socket) -> None:
+        self.name = name  # "client" or "server"
+        self.sock = sock
+        self.mask = 0  # what the selector watches
+        self.reading = True  # it has not ended: there is more to read
+        self.readable = True  # no recv() has said EWOULDBLOCK in this pass
+        self.blocked = False  # a send() said EWOULDBLOCK in this pass
+        self.closed = False
+
+
+class ProxyConnection:
+    """Carries one client's bytes to its upstream connection and back, as its flows ask."""
+
+    __slots__ = (
+        "_deadline",
+        "_drained",
+        "_last_active",
+        "_phase",
+        "_targets",
+        "_timer",
+        "_timer_at",
+        "client",
+        "down",
+        "listener",
+        "record",
+        "server",
+        "up",
+    )
+
+    def __init__(
+        self, listener: ProxyListener, sock: socket.socket, record: ProxyRecord, now: float
+    ) -> None:
+        self.listener = listener
+        self.record = record
+        self.client = _Side("client", sock)
+        self.server: _Side | None = None
+        self.up = Flow("upstream")  # client to server
+        self.down = Flow("downstream")  # server to client
+        self._phase = _CONNECTING
+        self._targets = list(listener.targets)  # addresses not tried yet
+        self._deadline: float | None = None  # of the connect, or of the drain
+        self._last_active = now
+        self._drained = 0
+        self._timer: list[object] | None = None
+        self._timer_at = 0.0
+
+    def describe_work(self) -> str:
+        """Who this is (for errors about a busy reactor)."""
+        return f"proxied connection {self.record.index} of proxy {self.listener.name}"
+
+    def start(self, now: float) -> None:
+        """Connect upstream."""
+        self._connect(now)
+        self._pump(now)
+
+    # ---- faults -------------------------------------------------------------------------------
+
+    def apply(self, handle: FaultHandle, now: float) -> None:
+        """Draw ``handle`` for this connection; if drawn, its fault acts from the next chunk."""
+        if self._phase >= _DRAINING:
+            return
+        record = self.record
+        try:
+            drawn = handle.selects(record.index, record)
+        except Exception as exc:  # the user's predicate
+            record.failure = f"the connections predicate of {handle.fault!r} raised: " + (
+                describe_error(exc)
+            )
+            return
+        if drawn:
+            self.up.add(handle, handle.fault, now)
+            self.down.add(handle, handle.fault, now)
+            record.faults.append(handle.fault)
+
+    def withdraw(self, handle: FaultHandle) -> None:
+        """``handle``'s fault stops acting here."""
+        self.up.remove(handle)
+        self.down.remove(handle)
+
+    # ---- handler interface --------------------------------------------------------------------
+
+    def on_event(self) -> None:
+        """A socket is ready, or the loop came back to us."""
+        if self._phase != _DONE:
+            self._pump(time.monotonic())
+
+    def on_timer(self, now: float, when: float) -> None:
+        """A delay, a pace, a deadline or the idle timeout is due."""
+        self._timer = None
+        if self._phase != _DONE:
+            self._pump(now)
+
+    def crash(self, exc: BaseException) -> None:
+        """Something raised while handling this connection: end it as an ERROR."""
+        _output.log(
+            logging.ERROR, "%s #%d failed", self.listener.name, self.record.index, exc_info=exc
+        )
+        self.record.failure = f"internal error: {describe_error(exc)}"
+        self._finish(Outcome.ERROR, None, time.monotonic())
+
+    def abort(self, now: float) -> None:
+        """The proxy is closing."""
+        self._finish(Outcome.SERVER_CLOSED, "the proxy was closed", now)
+
+    def drop_sockets(self) -> None:
+        """In a forked child: close this process's copies of the sockets, nothing else."""
+        for side in self._sides():
+            side.closed = True
+            try:
+                side.sock.close()
+            except OSError:
+                pass
+
+    # ---- the pump -----------------------------------------------------------------------------
+
+    def _pump(self, now: float) -> None:
+        """Move bytes until nothing can move, or the turn is over; then wait for what is next."""
+        budget = CALLS_PER_TURN
+        for side in self._sides():
+            side.readable, side.blocked = True, False
+        if self._phase == _CONNECTING:
+            budget -= self._check_connected(now)
+        if self._phase == _OPEN:
+            timeout = self.listener.timeout
+            if timeout is not None and now >= self._last_active + timeout:
+                self._hang_up(Outcome.TIMED_OUT, f"no bytes either way for {timeout} s", now)
+        while self._phase == _OPEN and budget > 0:
+            assert self.server is not None
+            used = self._move(self.up, self.client, self.server, now)
+            if self._phase == _OPEN:
+                used += self._move(self.down, self.server, self.client, now)
+            if not used:
+                break
+            budget -= used
+        if self._phase == _DRAINING:
+            budget -= self._drain(now, budget)
+        if self._phase == _DONE:
+            return
+        if budget <= 0:
+            reactor = self.listener.reactor
+            assert reactor is not None
+            reactor.call_soon(self)
+        self._settle(now)
+
+    def _move(self, flow: Flow, source: _Side, destination: _Side, now: float) -> int:
+        """One read from ``source`` and one action of ``flow``; returns the socket calls made."""
+        calls = 0
+        if source.reading and source.readable and flow.wants_data:
+            calls += 1
+            self._read(flow, source, now)
+            if self._phase != _OPEN:
+                return calls
+        action = flow.next_action(now)
+        if isinstance(action, Send):
+            if not destination.blocked and not destination.closed:
+                calls += 1
+                self._write(flow, destination, action.data, now)
+        elif isinstance(action, PassEnd):
+            calls += 1
+            self._pass_end(flow, source, destination, action.end, now)
+        elif not isinstance(action, Sleep):  # Abort: a fault ends the connection
+            calls += 1
+            if action.reset:
+                self._finish(Outcome.RESET, action.reason, now, reset=True)
+            else:
+                self._hang_up(Outcome.HUNG_UP, action.reason, now)
+        return calls
+
+    def _read(self, flow: Flow, source: _Side, now: float) -> None:
+        reactor = self.listener.reactor
+        assert reactor is not None
+        buffer = reactor.receive_buffer()
+        try:
+            count = source.sock.recv_into(buffer, READ_SIZE)
+        except _WOULD_BLOCK:
+            source.readable = False
+            return
+        except OSError as exc:
+            self._lost(source, exc, now)
+            return
+        if not count:
+            source.reading = False
+            self._set_end(source, "eof")
+            flow.feed_end(End.EOF, now)
+            self._event("#%d %s sent EOF", source.name)
+            return
+        data = buffer[:count].tobytes()
+        self._last_active = now
+        record = self.record
+        record.add(flow is self.up, data, time.monotonic())
+        flow.feed(data, now)
+        held = self.up.buffered + self.down.buffered
+        if held > record.peak_buffered:
+            record.peak_buffered = held
+        if self.listener.tracing:
+            self._event("#%d %s sent %d bytes", source.name, count)
+
+    def _write(self, flow: Flow, destination: _Side, data: memoryview, now: float) -> None:
+        try:
+            sent = destination.sock.send(data)
+        except _WOULD_BLOCK:
+            destination.blocked = True
+            return
+        except OSError as exc:
+            self._lost(destination, exc, now)
+            return
+        self._last_active = now
+        flow.sent(sent, now)
+        if sent < len(data):
+            destination.blocked = True
+
+    def _pass_end(
+        self, flow: Flow, source: _Side, destination: _Side, end: End, now: float
+    ) -> None:
+        flow.end_passed()
+        if end is End.RESET:
+            self._set_end(destination, "reset by proxy")
+            how = self.record.client_end if source is self.client else self.record.server_end
+            what = "reset" if how == "reset" else f"failed ({how})"
+            self._finish(Outcome.PEER_RESET, f"the {source.name} {what}", now, reset=True)
+            return
+        try:
+            destination.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone already: the next recv or send says how
+        self._event("#%d passed the %s's EOF on", source.name)
+        if self.up.finished and self.down.finished:
+            self._finish(Outcome.COMPLETED, None, now)
+
+    def _lost(self, side: _Side, exc: OSError, now: float) -> None:
+        """A socket call on ``side`` failed: it reset (or worse). Pass an RST on after what it
+        sent; what waits for it is lost."""
+        if side.closed:
+            return
+        self._set_end(side, _how_it_ended(exc))
+        self._event("#%d %s: %s", side.name, describe_error(exc))
+        side.reading = False
+        self._close_side(side, reset=False)
+        outgoing, incoming = (self.up, self.down) if side is self.client else (self.down, self.up)
+        incoming.discard()
+        outgoing.feed_end(End.RESET, now)
+
+    # ---- connecting ---------------------------------------------------------------------------
+
+    def _connect(self, now: float) -> None:
+        """Start connecting to the next upstream address."""
+        error: OSError = ConnectionRefusedError(errno.ECONNREFUSED, "no address to connect to")
+        while self._targets:
+            family, address = self._targets.pop(0)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                error = exc
+                continue
+            sock.setblocking(False)
+            code = sock.connect_ex(address)
+            if code == 0 or (code in _IN_PROGRESS and family != _AF_UNIX):
+                self.server = _Side("server", sock)
+                timeout = self.listener.timeout
+                self._deadline = None if timeout is None else now + timeout
+                return
+            sock.close()
+            error = OSError(code, os.strerror(code))
+        self._unreachable(describe_error(error), now)
+
+    def _check_connected(self, now: float) -> int:
+        """Has the connect completed? Returns the socket calls made."""
+        server = self.server
+        if server is None:
+            return 0
+        code = server.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not code:
+            try:
+                server.sock.getpeername()
+            except OSError:  # still under way
+                if self._deadline is not None and now >= self._deadline:
+                    self._retry_connect(f"connect timed out after {self.listener.timeout} s", now)
+                return 1
+            self._connected(server, now)
+            return 1
+        self._retry_connect(describe_error(OSError(code, os.strerror(code))), now)
+        return 1
+
+    def _retry_connect(self, why: str, now: float) -> None:
+        assert self.server is not None
+        self._close_side(self.server, reset=False)
+        self.server = None
+        if self._targets:
+            self._connect(now)
+        else:
+            self._unreachable(why, now)
+
+    def _connected(self, server: _Side, now: float) -> None:
+        sock = server.sock
+        if sock.family != _AF_UNIX:
+            try:
+                # Pieces go out when the faults say: Nagle would merge a Slicer's pieces.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        try:
+            self.record.via = sock.getsockname()
+        except OSError:
+            pass
+        self._phase = _OPEN
+        self._deadline = None
+        self._last_active = now
+        self._event("#%d connected to %s", self.listener.upstream_name)
+
+    def _unreachable(self, why: str, now: float) -> None:
+        """No upstream connection: the client gets an RST (or a FIN)."""
+        self.record.server_end = f"error: connect failed: {why}"
+        detail = f"upstream {self.listener.upstream_name} unreachable: {why}"
+        self._event("#%d %s", detail)
+        if self.listener.on_upstream_error == "reset":
+            self._finish(Outcome.RESET, detail, now, reset=True)
+        else:
+            self._hang_up(Outcome.HUNG_UP, detail, now)
+
+    # ---- ending -------------------------------------------------------------------------------
+
+    def _hang_up(self, outcome: Outcome, detail: str, now: float) -> None:
+        """Close gracefully: FIN to both sides, then read and drop what they still send for a
+        while (closing with unread input would send RST)."""
+        for side in self._sides():
+            if not side.closed:
+                try:
+                    side.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+        self.up.discard()
+        self.down.discard()
+        self._phase = _DRAINING
+        self._deadline = now + DRAIN_SECONDS
+        self._event("#%d hanging up: %s", detail)
+        self._update_record()
+        self.record.end(outcome, detail, now)
+
+    def _drain(self, now: float, budget: int) -> int:
+        """Read and drop until both sides have closed, or for DRAIN_SECONDS at most."""
+        reactor = self.listener.reactor
+        assert reactor is not None
+        buffer = reactor.receive_buffer()
+        calls = 0
+        for side in self._sides():
+            while side.reading and side.readable and not side.closed and calls < budget:
+                calls += 1
+                try:
+                    count = side.sock.recv_into(buffer, READ_SIZE)
+                except _WOULD_BLOCK:
+                    side.readable = False
+                    break
+                except OSError as exc:
+                    side.reading = False
+                    self._set_end(side, _how_it_ended(exc))
+                    break
+                if not count:
+                    side.reading = False
+                    self._set_end(side, "eof")
+                    break
+                self._drained += count
+        done = not any(side.reading and not side.closed for side in self._sides())
+        assert self._deadline is not None
+        if done or now >= self._deadline or self._drained >= DRAIN_BYTES:
+            outcome = self.record.outcome or Outcome.HUNG_UP
+            self._finish(outcome, None, now)
+        return calls
+
+    def _finish(
+        self, outcome: Outcome, detail: str | None, now: float, reset: bool = False
+    ) -> None:
+        """Close both sockets (with RST if ``reset``) and end the record."""
+        if self._phase == _DONE:
+            return
+        self._phase = _DONE
+        end = "reset by proxy" if reset else "closed by proxy"
+        for side in self._sides():
+            self._set_end(side, end)
+            self._close_side(side, reset=reset)
+        self._cancel_timer()
+        self._update_record()
+        self.record.end(outcome, detail, now)
+        self.listener.forget(self)
+        if self.listener.tracing:
+            why = self.record.failure or self.record.detail
+            self._event("#%d ended: %s%s", outcome.value, f" ({why})" if why else "")
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _sides(self) -> list[_Side]:
+        return [self.client] if self.server is None else [self.client, self.server]
+
+    def _set_end(self, side: _Side, how: str) -> None:
+        record = self.record
+        if side is self.client:
+            record.client_end = record.client_end or how
+        else:
+            record.server_end = record.server_end or how
+
+    def _event(self, message: str, *args: object) -> None:
+        self.listener.event(message, self.record.index, *args)
+
+    def _update_record(self) -> None:
+        record, up, down = self.record, self.up, self.down
+        record.passed_upstream = up.passed
+        record.passed_downstream = down.passed
+        record.dropped = up.dropped + down.dropped + self._drained
+
+    def _settle(self, now: float) -> None:
+        """Watch the sockets for what we wait for, and arm the timer for the next due time."""
+        phase = self._phase
+        self._update_record()
+        wake = self._deadline
+        if phase == _OPEN:
+            timeout = self.listener.timeout
+            if timeout is not None:
+                wake = _earliest(wake, self._last_active + timeout)
+            for flow in (self.up, self.down):
+                action = flow.next_action(now)
+                if isinstance(action, Sleep):
+                    wake = _earliest(wake, action.until)
+        for side, outgoing in ((self.client, self.up), (self.server, self.down)):
+            if side is None:
+                continue
+            mask = 0
+            if phase == _CONNECTING:
+                mask = WRITE if side is self.server else 0
+            elif phase == _OPEN:
+                mask = (READ if side.reading and outgoing.wants_data else 0) | (
+                    WRITE if side.blocked else 0
+                )
+            elif side.reading:  # draining
+                mask = READ
+            self._watch(side, mask)
+        if wake is not None:
+            self._arm_timer(wake)
+
+    def _watch(self, side: _Side, mask: int) -> None:
+        if side.closed or mask == side.mask:
+            return
+        reactor = self.listener.reactor
+        assert reactor is not None
+        try:
+            reactor.update_interest(side.sock, self, side.mask, mask)
+        finally:
+            side.mask = mask if reactor.is_registered(side.sock) else 0
+
+    def _arm_timer(self, when: float) -> None:
+        """One timer at a time: an earlier time replaces it, a later one waits for it."""
+        reactor = self.listener.reactor
+        assert reactor is not None
+        if self._timer is None or when < self._timer_at:
+            if self._timer is not None:
+                reactor.cancel(self._timer)
+            self._timer = reactor.call_at(when, self)
+            self._timer_at = when
+
+    def _cancel_timer(self) -> None:
+        reactor = self.listener.reactor
+        if self._timer is not None and reactor is not None:
+            reactor.cancel(self._timer)
+        self._timer = None
+
+    def _close_side(self, side: _Side, *, reset: bool) -> None:
+        """Unregister and close ``side`` (RST if ``reset``); never raises."""
+        if side.closed:
+            return
+        side.closed = True
+        reactor = self.listener.reactor
+        if side.mask and reactor is not None:
+            try:
+                reactor.update_interest(side.sock, self, side.mask, 0)
+            except Exception:
+                pass  # already dropped by the selector
+            side.mask = 0
+        if reset:
+            try:
+                side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            except OSError:
+                pass
+        try:
+            side.sock.close()
+        except OSError:
+            pass
+
+
+def _how_it_ended(exc: OSError) -> str:
+    """A side's end, from the error a socket call on it raised."""
+    return "reset" if isinstance(exc, _RESETS) else f"error: {describe_error(exc)}"
+
+
+def _earliest(first: float | None, second: float | None) -> float | None:
+    if first is None:
+        return second
+    return first if second is None else min(first, second)
+
+
+class ProxyListener:
+    """One proxy on the reactor: accepts clients and starts a ProxyConnection for each."""
+
+    __slots__ = (
+        "__weakref__",
+        "_address",
+        "_held",
+        "_mask",
+        "_retry",
+        "accepted",
+        "closed",
+        "connections",
+        "faults",
+        "log",
+        "name",
+        "on_upstream_error",
+        "reactor",
+        "sock",
+        "targets",
+        "timeout",
+        "upstream_name",
+        "verbose",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        log: ProxyLog,
+        *,
+        targets: list[Target],
+        upstream_name: str,
+        timeout: float | None,
+        on_upstream_error: str,
+        verbose: bool,
+    ) -> None:
+        self.sock: socket.socket | None = sock
+        self._address = sock.getsockname()
+        self.name = format_address(self._address)
+        self.log = log
+        self.targets = targets
+        self.upstream_name = upstream_name
+        self.timeout = timeout
+        self.on_upstream_error = on_upstream_error
+        self.verbose = verbose
+        self.connections: dict[ProxyConnection, None] = {}
+        self.faults: list[FaultHandle] = []  # replaced whole, so other threads may read it
+        self.accepted = 0
+        self.closed: Latch | None = None
+        self.reactor: Reactor | None = None
+        self._mask = 0
+        self._retry: list[object] | None = None
+        self._held: socket.socket | None = None  # the port, bound but not listening (down())
+
+    @property
+    def tracing(self) -> bool:
+        """Whether events go anywhere."""
+        return self.verbose or logger.isEnabledFor(logging.DEBUG)
+
+    def describe_work(self) -> str:
+        return f"proxy {self.name}"
+
+    def event(self, message: str, *args: object) -> None:
+        """A ``PROXY:`` line when verbose, and a DEBUG log record always (written elsewhere)."""
+        if self.verbose:
+            _output.line(f"PROXY: {self.name} " + (message % args if args else message))
+        if logger.isEnabledFor(logging.DEBUG):
+            _output.log(logging.DEBUG, "proxy %s " + message, self.name, *args)
+
+    # ---- called by the reactor ----------------------------------------------------------------
+
+    def attach(self, reactor: Reactor) -> None:
+        self.reactor = reactor
+        if self.sock is not None:
+            self._listen(True)
+            self.event("listening, to %s", self.upstream_name)
+
+    def on_event(self) -> None:
+        """Accept what waits, a bounded batch at a time."""
+        for _ in range(ACCEPT_BATCH):
+            sock = self.sock
+            if sock is None:
+                return
+            try:
+                conn, peer = sock.accept()
+            except _WOULD_BLOCK:
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    continue
+                self.event("accept failed (%s); pausing %.2f s", exc, ACCEPT_RETRY_SECONDS)
+                self._pause()
+                return
+            self._start(conn, peer)
+        assert self.reactor is not None
+        self.reactor.call_soon(self)
+
+    def on_timer(self, now: float, when: float) -> None:
+        """Accept again after a pause."""
+        self._retry = None
+        if self.sock is not None:
+            self._listen(True)
+            self.on_event()
+
+    def crash(self, exc: BaseException) -> None:
+        _output.log(logging.ERROR, "proxy %s: listener failed", self.name, exc_info=exc)
+        self.log.add_failure(f"proxy {self.name}: listener failed: {describe_error(exc)}")
+        try:
+            self._pause()
+        except Exception:
+            self.stop_listening()
+
+    def abandon(self, exc: BaseException) -> None:
+        """Closing failed with ``exc``: record it, and close what is left by force."""
+        self.log.add_failure(f"proxy {self.name}: closing failed: {describe_error(exc)}")
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            if self.reactor is not None:
+                self.reactor.forget_file(sock)
+            sock.close()
+        self._mask = 0
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+        for connection in list(self.connections):
+            connection.crash(exc)
+
+    def close(self, now: float) -> None:
+        self.stop_listening()
+        for connection in list(self.connections):
+            try:
+                connection.abort(now)
+            except Exception as exc:
+                connection.crash(exc)
+
+    def forget(self, connection: ProxyConnection) -> None:
+        self.connections.pop(connection, None)
+
+    def drop_sockets(self) -> None:
+        for connection in list(self.connections):
+            connection.drop_sockets()
+        self.connections.clear()
+        for sock in (self.sock, self._held):
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+        self.sock = self._held = None
+
+    # ---- control (reactor thread, through commands) -------------------------------------------
+
+    def add_fault(self, handle: FaultHandle, now: float) -> None:
+        """``handle`` acts on every live connection it draws, and on later ones."""
+        self.faults = [*self.faults, handle]
+        for connection in list(self.connections):
+            connection.apply(handle, now)
+            _kick(connection)
+        self.event("fault added: %r", handle.fault)
+
+    def remove_fault(self, handle: FaultHandle) -> None:
+        if handle not in self.faults:
+            return
+        self.faults = [other for other in self.faults if other is not handle]
+        for connection in list(self.connections):
+            connection.withdraw(handle)
+            _kick(connection)
+        self.event("fault removed: %r", handle.fault)
+
+    def stop_listening(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            self._listen(False)
+        except Exception:
+            pass
+        self.sock = None
+        if self._retry is not None and self.reactor is not None:
+            self.reactor.cancel(self._retry)
+        self._retry = None
+        sock.close()
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+
+    def down(self) -> None:
+        """Refuse connections, keeping the port bound (not listening) so nobody takes it."""
+        sock = self.sock
+        if sock is None:
+            return
+        self.stop_listening()
+        if sock.family != _AF_UNIX:
+            held = socket.socket(sock.family, socket.SOCK_STREAM)
+            try:
+                held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                held.bind(self._address)
+                held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+            except BaseException:
+                held.close()
+                raise
+            self._held = held
+        self.event("down: refusing connections")
+
+    def up(self) -> None:
+        """Listen again on the same address."""
+        if self.sock is not None:
+            return
+        held, self._held = self._held, None
+        if held is None:  # a Unix socket: bind its path again
+            held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                path = self._address
+                if isinstance(path, (str, bytes)) and path and path[:1] not in ("\0", b"\0"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                held.bind(path)
+            except BaseException:
+                held.close()
+                raise
+        else:
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.listen(socket.SOMAXCONN)
+        held.setblocking(False)
+        self.sock = held
+        self._listen(True)
+        self.event("up: listening again")
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _listen(self, on: bool) -> None:
+        mask = READ if on else 0
+        if self.sock is not None and self.reactor is not None and mask != self._mask:
+            try:
+                self.reactor.update_interest(self.sock, self, self._mask, mask)
+            finally:
+                self._mask = mask if self.reactor.is_registered(self.sock) else 0
+
+    def _pause(self) -> None:
+        self._listen(False)
+        if self._retry is None:
+            assert self.reactor is not None
+            self._retry = self.reactor.call_at(time.monotonic() + ACCEPT_RETRY_SECONDS, self)
+
+    def _start(self, sock: socket.socket, peer: object) -> None:
+        now = time.monotonic()
+        index = self.accepted
+        self.accepted += 1
+        record = self.log.new_record(peer, now)
+        if self.tracing:
+            self.event("#%d accepted from %s", index, format_address(peer))
+        try:
+            sock.setblocking(False)
+            if sock.family != _AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = ProxyConnection(self, sock, record, now)
+        except Exception as exc:  # it must cost this connection, never the listener
+            sock.close()
+            record.failure = f"starting the connection failed: {describe_error(exc)}"
+            record.end(Outcome.ERROR, None, now)
+            return
+        self.connections[connection] = None
+        try:
+            for handle in self.faults:
+                connection.apply(handle, now)
+            connection.start(now)
+        except Exception as exc:
+            connection.crash(exc)
+
+
+def _kick(connection: ProxyConnection) -> None:
+    """Let ``connection`` act on a change of its faults now; a failure costs only it."""
+    try:
+        connection.on_event()
+    except Exception as exc:
+        connection.crash(exc)
+
+
+def _resolve(upstream: object) -> tuple[list[Target], str]:
+    """The addresses to connect to for ``upstream``, and its name (in the caller's thread)."""
+    if isinstance(upstream, (str, bytes)):
+        if not upstream:
+            raise ValueError("upstream: a Unix socket path must not be empty")
+        if _AF_UNIX is None:
+            raise OSError("Unix-domain sockets are not available on this platform")
+        return [(_AF_UNIX, upstream)], format_address(upstream)
+    if not isinstance(upstream, (tuple, list)) or len(upstream) != 2:
+        raise TypeError(f"upstream must be (host, port) or a Unix socket path, got {upstream!r}")
+    host, port = upstream
+    if not isinstance(host, str):
+        raise TypeError(f"upstream: host must be a str, got {host!r}")
+    _check_int("upstream port", port, 1, 65535)
+    targets: list[Target] = []
+    for family, _, _, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        if (family, address) not in targets:
+            targets.append((family, address))
+    return targets, format_address((host, port))
+
+
+class FaultProxy(_Endpoint):
+    """A TCP proxy in front of ``upstream``, on the shared reactor thread, that injects faults.
+
+    Example::
+
+        with FaultProxy(redis_address) as proxy:
+            client = redis.Redis(*proxy.address)
+            with proxy.fault(ResetPeer(), connections=[0]):
+                ...  # the first connection is reset, the retry passes
+
+    Args:
+        upstream: where to connect: ``(host, port)`` (resolved here, in your thread) or a Unix
+            socket path. Each client gets its own upstream connection.
+        host, port, path: where the proxy listens (as for CommandServer).
+        verbose: print a ``PROXY: ...`` line per event.
+        timeout: seconds without a byte either way after which a proxied connection is
+            closed (FIN to both; ``TIMED_OUT``), and the longest an upstream connect may
+            take; None: never.
+        on_upstream_error: what a client gets when the upstream is unreachable: ``"reset"``
+            (RST right after accept) or ``"close"`` (FIN).
+        max_record: bytes each connection's record keeps at most (both directions); the rest
+            is counted in its ``unrecorded``.
+        reactor: a started :class:`Reactor` instead of the shared default one.
+
+    Raises:
+        TypeError, ValueError: a bad argument, named.
+        OSError: the address cannot be bound, or the upstream host cannot be resolved.
+    """
+
+    __slots__ = ("_close_calls", "_listener", "_log", "_reactor", "_socket_file")
+
+    def __init__(
+        self,
+        upstream: tuple[str, int] | str | bytes,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        verbose: bool = True,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        path: str | bytes | None = None,
+        on_upstream_error: str = "reset",
+        max_record: int = DEFAULT_MAX_RECEIVE,
+        reactor: Reactor | None = None,
+    ) -> None:
+        if reactor is not None:
+            if not isinstance(reactor, Reactor):
+                raise TypeError(f"reactor must be a selectserver Reactor or None, got {reactor!r}")
+            if not reactor.started:
+                raise ValueError(f"reactor {reactor!r} was never started: call its start() first")
+            if reactor.stopping:
+                raise RuntimeError(f"reactor {reactor!r} is closed")
+        if path is not None:
+            _check_path(path)
+        _check_seconds("timeout", timeout, allow_none=True)
+        if on_upstream_error not in ("reset", "close"):
+            raise ValueError(
+                f"on_upstream_error must be 'reset' or 'close', got {on_upstream_error!r}"
+            )
+        _check_int("max_record", max_record, 0)
+        targets, upstream_name = _resolve(upstream)
+        self._log = ProxyLog(max_record)
+        self._close_calls = itertools.count()
+        self._socket_file: _SocketFile | None = None
+        sock = _bind(host, port, listen=True) if path is None else _bind_unix(path)
+        if path is not None and not _is_abstract(path):
+            try:
+                self._socket_file = _SocketFile(path)
+            except OSError:
+                sock.close()
+                raise
+        self._sock_name = sock.getsockname()[:2] if path is None else path
+        self._listener = ProxyListener(
+            sock,
+            self._log,
+            targets=targets,
+            upstream_name=upstream_name,
+            timeout=timeout,
+            on_upstream_error=on_upstream_error,
+            verbose=bool(verbose),
+        )
+        if reactor is None:
+            self._reactor: Reactor = attach(self._listener)
+        elif reactor.add_server(self._listener):
+            self._reactor = reactor
+        else:
+            self._listener.close(0.0)
+            if self._socket_file is not None:
+                self._socket_file.remove()
+            raise RuntimeError(f"reactor {reactor!r} is closed")
+
+    def _run(self, command: Callable[[], None]) -> None:
+        """Run ``command`` on the reactor thread; return once it has run."""
+        run_on_reactor(self._reactor, command)
+
+    # ---- faults -------------------------------------------------------------------------------
+
+    def add(
+        self,
+        fault: AnyFault,
+        *,
+        connections: Collection[int] | Callable[[ProxyRecord], object] | None = None,
+        probability: float = 1.0,
+        seed: int = 0,
+    ) -> FaultHandle:
+        """Inject ``fault`` from the next chunk on every connection it targets, live and later.
+
+        Args:
+            connections: None (all), the indices of the connections to target, or a predicate
+                on a connection's :class:`ProxyRecord` (called on the reactor thread).
+            probability: the chance that a targeted connection gets it, drawn once per
+                connection from ``seed`` and the connection's index (the same every run).
+
+        In effect on every live connection when it returns. Returns the handle for
+        :meth:`remove`.
+        """
+        handle = FaultHandle(fault, connections, probability, seed)
+        listener = self._listener
+        self._run(lambda: listener.add_fault(handle, time.monotonic()))
+        return handle
+
+    def remove(self, handle: FaultHandle) -> None:
+        """Stop ``handle``'s fault on every connection (held bytes flow again); idempotent."""
+        if not isinstance(handle, FaultHandle):
+            raise TypeError(f"remove takes what add() returned, got {handle!r}")
+        if self._closing:
+            return
+        listener = self._listener
+        self._run(lambda: listener.remove_fault(handle))
+
+    @contextlib.contextmanager
+    def fault(
+        self,
+        fault: AnyFault,
+        *,
+        connections: Collection[int] | Callable[[ProxyRecord], object] | None = None,
+        probability: float = 1.0,
+        seed: int = 0,
+    ) -> Iterator[FaultHandle]:
+        """``with proxy.fault(Latency(0.5)):`` adds the fault (as :meth:`add`), removes it on
+        exit."""
+        handle = self.add(fault, connections=connections, probability=probability, seed=seed)
+        try:
+            yield handle
+        finally:
+            self.remove(handle)
+
+    def clear(self) -> None:
+        """Remove every fault."""
+        if self._closing:
+            return
+        listener = self._listener
+
+        def clear_all() -> None:
+            for handle in list(listener.faults):
+                listener.remove_fault(handle)
+
+        self._run(clear_all)
+
+    @property
+    def faults(self) -> list[FaultHandle]:
+        """The faults in effect, in the order they were added."""
+        return list(self._listener.faults)
+
+    # ---- records ------------------------------------------------------------------------------
+
+    @property
+    def upstream(self) -> str:
+        """Where the proxy connects, as ``host:port`` or a path."""
+        return self._listener.upstream_name
+
+    @property
+    def connections(self) -> list[ProxyRecord]:
+        """One live record per accepted connection, in accept order."""
+        return list(self._log.records)
+
+    def wait_for_connections(self, n: int, timeout: float | None = 5.0) -> list[ProxyRecord]:
+        """Block until ``n`` proxied connections have ended; the first ``n`` in the order they
+        ended. ``TimeoutError`` says what the others are doing."""
+        records = self._log.wait_for_connections(n, timeout)
+        _output.flush()
+        return records
+
+    def check(self) -> None:
+        """Raise ``AssertionError`` listing internal errors (never a client's or server's
+        reset: those are in the records); silent when all is well."""
+        self._raise_reactor_error()
+        self._log.check()
+
+    def to_script(self, k: int) -> list[object]:
+        """A CommandServer script that plays the server's side of connection ``k`` by position
+        (see ``_recording.script_of``): ``CommandServer(proxy.to_script(0))``.
+
+        Raises:
+            ValueError: the connection was not recorded in full (``max_record``).
+        """
+        return record_script(self._log.records[k])
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write every connection to ``path`` as a recording (JSON, format in
+        ``_recording.py``); ``load_recording(path)`` makes the scripts that replay it."""
+        save_document(to_document(list(self._log.records), self.upstream), path)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Refuse new connections, keeping the port; live connections go on."""
+        self._run(self._listener.down)
+
+    def up(self) -> None:
+        """Listen again on the same port after :meth:`down`."""
+        self._run(self._listener.up)
+        if self._socket_file is not None:
+            self._socket_file = _SocketFile(self._socket_file.path)
+
+    @property
+    def _closing(self) -> bool:
+        return self._listener.closed is not None
+
+    def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
+        """Stop listening and close every proxied connection; idempotent and thread-safe.
+
+        Raises:
+            TimeoutError: the reactor did not close the proxy within ``timeout`` seconds.
+            RuntimeError: the reactor thread itself failed.
+        """
+        listener, reactor = self._listener, self._reactor
+        if next(self._close_calls) == 0:  # atomic: exactly one caller is first
+            closed = listener.closed = Latch()
+            if not reactor.remove_server(listener):
+                closed.set()
+            if self._socket_file is not None:
+                self._socket_file.remove()
+        if threading.current_thread() is reactor.thread:
+            return
+        closed_event = listener.closed
+        if closed_event is None:
+            return
+        if not closed_event.wait(threading.TIMEOUT_MAX if timeout is None else timeout):
+            raise TimeoutError(f"closing {self!r} took more than {timeout} s: {reactor.doing()}")
+        if reactor.stopping:
+            reactor.join(timeout)
+        _output.flush()
+        self._raise_reactor_error()
+
+    def _raise_reactor_error(self) -> None:
+        error = self._reactor.error
+        if error is not None:
+            raise RuntimeError(f"the selectserver reactor thread failed: {error!r}") from error
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closing else "serving"
+        return (
+            f"<FaultProxy {self.url} to {self.upstream} {state}, "
+            f"{len(self._log.records)} connections, {len(self._listener.faults)} faults>"
+        )
