@@ -1,8 +1,8 @@
-"""Socket glue: the only accept/recv/send/shutdown/close calls in selectserver.
+"""The scripted server's socket glue: a listener that runs a script on each connection.
 
-A :class:`Listener` is the reactor's side of one fake server: its listening socket, its scripts
-and its live connections. A :class:`Connection` is a plain executor: it carries out what its
-step machine asks for on one accepted socket, moving ciphertext through a
+A :class:`Listener` is the reactor's side of one fake server: an ``Acceptor`` (see
+``_acceptor``) with its scripts and gates. A :class:`Connection` is a plain executor: it
+carries out what its step machine asks for on one accepted socket, moving ciphertext through a
 :class:`~selectserver._tlslayer.TLSLayer` once TLS is on, and reports what the socket did. All
 policy (what to read, when to give up, how to close) lives in the machine.
 
@@ -12,25 +12,29 @@ due, and ``crash(exc)`` if either raised, which ends only that one object. A fai
 selector call costs only its own connection (or pauses its listener): never the reactor.
 
 No connection monopolises the loop: one pass does at most :data:`CALLS_PER_TURN` socket calls
-for a connection and :data:`ACCEPT_BATCH` accepts for a listener, then yields to the others.
+for a connection (and ``ACCEPT_BATCH`` accepts for a listener), then yields to the others.
 """
 
 from __future__ import annotations
 
-import errno
-import functools
 import logging
-import os
 import socket
 import ssl
-import stat
 import struct
 import time
-import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _output
+from ._acceptor import (
+    READ,
+    WOULD_BLOCK,
+    WRITE,
+    Acceptor,
+    configure,
+    describe_error,
+    format_address,
+)
 from ._control import GateState, Parked
 from ._machine import (
     Close,
@@ -43,97 +47,28 @@ from ._machine import (
     StepMachine,
     Wait,
 )
-from ._records import ConnectionRecord, Latch, Outcome, ServerLog
+from ._records import ConnectionRecord, Outcome, ServerLog
 from ._script import Step
 from ._tlslayer import TLSLayer
 
 if TYPE_CHECKING:
-    from ._reactor import Reactor
+    pass
 
 __all__ = ["Connection", "Listener", "format_address"]
 
-logger = logging.getLogger("selectserver")
-
-READ = 1  # selectors.EVENT_READ
-WRITE = 2  # selectors.EVENT_WRITE
-
-#: accepts per readiness event, so one busy listener cannot starve the others
-ACCEPT_BATCH = 64
-#: how long a listener pauses after accept() ran out of resources or failed unexpectedly
-ACCEPT_RETRY_SECONDS = 0.05
 #: socket calls (and machine actions) one connection makes per pass of the loop
 CALLS_PER_TURN = 32
 #: a Reply function slower than this is logged as a warning
 SLOW_CALL_SECONDS = 0.1
 #: the most one TLS write encrypts (a TLS write is all or nothing)
 TLS_SEND_SIZE = 64 * 1024
-#: accept() errors that concern only the connection being accepted (trio's list, accept(2)):
-#: the listener goes on accepting
-_ACCEPT_TRANSIENT = frozenset(
-    getattr(errno, name)
-    for name in (
-        "ECONNABORTED",
-        "EPERM",
-        "EPROTO",
-        "ENETDOWN",
-        "ENOPROTOOPT",
-        "EHOSTDOWN",
-        "ENONET",
-        "EHOSTUNREACH",
-        "EOPNOTSUPP",
-        "ENETUNREACH",
-        "ETIMEDOUT",
-        "ECONNRESET",
-    )
-    if hasattr(errno, name)
-)
 _LINGER_ZERO = struct.pack("ii", 1, 0)
-_AF_UNIX = getattr(socket, "AF_UNIX", None)
-#: whether DEBUG records would go anywhere (a C-level call: cheap on the hot path)
-_debugging = functools.partial(logger.isEnabledFor, logging.DEBUG)
-_WOULD_BLOCK = (BlockingIOError, InterruptedError)
 
 
-def format_address(address: object) -> str:
-    """``host:port``, ``[v6]:port``, or a Unix socket's path."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    if isinstance(address, bytes):
-        address = address.decode("utf-8", "backslashreplace")
-    return str(address) or "(unnamed)"
-
-
-def describe_error(exc: BaseException) -> str:
-    """An exception in one line: ``ValueError: bad thing``."""
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
-
-
-class Listener:
+class Listener(Acceptor):
     """One fake server on the reactor: accepts connections and runs a script on each."""
 
-    __slots__ = (
-        "__weakref__",
-        "_address",
-        "_held",
-        "_mask",
-        "_retry",
-        "accepted",
-        "closed",
-        "connections",
-        "gates",
-        "log",
-        "max_connections",
-        "name",
-        "owner",
-        "reactor",
-        "script_base",
-        "scripts",
-        "sock",
-        "timeout",
-        "tls_context",
-        "verbose",
-    )
+    __slots__ = ("gates", "owner", "script_base", "scripts", "timeout", "tls_context")
 
     def __init__(
         self,
@@ -146,165 +81,20 @@ class Listener:
         max_connections: int | None,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.sock: socket.socket | None = sock
-        self._address = sock.getsockname()
+        super().__init__(sock, log, verbose=verbose, max_connections=max_connections)
         self.tls_context = tls_context
-        self.name = format_address(sock.getsockname())
         self.scripts = scripts
-        self.log = log
-        self.verbose = verbose
         self.timeout = timeout
-        self.max_connections = max_connections
-        self.connections: dict[Connection, None] = {}  # a set, in a quarter of the memory
-        self.accepted = 0
-        # Made by the thread that closes the server, set by the reactor once it is closed.
-        self.closed: Latch | None = None
-        self.reactor: Reactor | None = None
-        self._mask = 0
-        self._retry: list[object] | None = None  # the armed accept-again timer
-        self._held: socket.socket | None = None  # the port, bound but not listening (down())
         self.script_base = 0  # connection index from which ``scripts`` counts (set_scripts)
         self.gates: dict[str, GateState] = {}
         self.owner: Callable[[], object] = _nobody  # the public server, weakly
 
-    @property
-    def tracing(self) -> bool:
-        """Whether events go anywhere: hot paths check this before building one."""
-        return self.verbose or _debugging()
-
-    def describe_work(self) -> str:
-        """Who this is (for errors about a busy reactor)."""
-        return f"server {self.name}"
-
-    def event(self, message: str, *args: object) -> None:
-        """Report an event: a ``SERVER:`` line when verbose, and a DEBUG log record always.
-
-        Both are written by another thread (``_output``): the reactor never blocks on them.
-        """
-        if self.verbose:
-            _output.line(f"SERVER: {self.name} " + (message % args if args else message))
-        if _debugging():
-            _output.log(logging.DEBUG, "%s " + message, self.name, *args)
-
-    # ---- called by the reactor ----------------------------------------------------------------
-
-    def attach(self, reactor: Reactor) -> None:
-        """Start accepting on ``reactor``."""
-        self.reactor = reactor
-        if self.sock is not None:
-            self._listen(True)
-            self.event("listening")
-
-    def on_event(self) -> None:
-        """The listening socket is readable: accept what is waiting, a bounded batch at a time."""
-        for _ in range(ACCEPT_BATCH):
-            sock = self.sock
-            if sock is None:
-                return
-            try:
-                conn, peer = sock.accept()
-            except _WOULD_BLOCK:
-                return
-            except OSError as exc:
-                if exc.errno in _ACCEPT_TRANSIENT:
-                    continue  # that connection failed; the next one may not
-                # Out of descriptors or memory, or stranger: pause instead of spinning. The
-                # pending connections wait in the backlog.
-                self.event("accept failed (%s); pausing %.2f s", exc, ACCEPT_RETRY_SECONDS)
-                self._pause()
-                return
-            self._start(conn, peer)
-            if self.max_connections is not None and self.accepted >= self.max_connections:
-                self.stop_listening()
-                return
-        assert self.reactor is not None
-        self.reactor.call_soon(self)  # more may wait: after the others have had their turn
-
-    def on_timer(self, now: float, when: float) -> None:
-        """Accept again after a pause."""
-        self._retry = None
-        if self.sock is not None:
-            self._listen(True)
-            self.on_event()
-
-    def crash(self, exc: BaseException) -> None:
-        """Something failed unexpectedly: record it, and pause accepting; connections go on."""
-        _output.log(logging.ERROR, "%s: listener failed", self.name, exc_info=exc)
-        self.log.add_failure(f"server {self.name}: listener failed: {describe_error(exc)}")
-        try:
-            self._pause()
-        except Exception:
-            self.stop_listening()
-
-    def stop_listening(self) -> None:
-        """Close the listening socket: later connects are refused."""
-        sock = self.sock
-        if sock is None:
-            self._drop_held()
-            return
-        try:
-            self._listen(False)  # unregister while the socket is still open
-        except Exception:
-            pass  # the reactor has dropped it (see update_interest)
-        self.sock = None
-        self._cancel_retry()
-        sock.close()
-        self._drop_held()
-        self.event("stopped listening after %d connections", self.accepted)
-
-    def down(self) -> None:
-        """Refuse new connections, keeping the port (bound, not listening) so nobody takes it."""
-        sock = self.sock
-        if sock is None:
-            return
-        self._accept_backlog(sock)  # their connect() succeeded: they are served, not reset
-        self.stop_listening()
-        if sock.family != _AF_UNIX:
-            held = socket.socket(sock.family, socket.SOCK_STREAM)
-            try:
-                # Bound past our own TIME_WAIT entries; then no SO_REUSEADDR, so that no other
-                # socket may bind the port while it is not listening.
-                held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                held.bind(self._address)
-                held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
-            except BaseException:
-                held.close()
-                raise
-            self._held = held
-        self.event("down: refusing connections")
-
-    def _accept_backlog(self, sock: socket.socket) -> None:
-        for _ in range(socket.SOMAXCONN):
-            try:
-                conn, peer = sock.accept()
-            except _WOULD_BLOCK:
-                return
-            except OSError as exc:
-                if exc.errno in _ACCEPT_TRANSIENT:
-                    continue
-                return
-            self._start(conn, peer)
-
-    def up(self, backlog: int = socket.SOMAXCONN) -> None:
-        """Listen again on the same port (after :meth:`down`)."""
-        if self.sock is not None:
-            return
-        held, self._held = self._held, None
-        if held is None:  # a Unix socket: bind its path again
-            held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                _unlink_socket(self._address)
-                held.bind(self._address)
-            except BaseException:
-                held.close()
-                raise
-        else:
-            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        held.listen(backlog)
-        held.setblocking(False)
-        self.sock = held
-        self._listen(True)
-        self.event("up: listening again")
+    def close(self, now: float) -> None:
+        """Close the listening socket and every connection; no one will reach a gate now."""
+        for gate in list(self.gates.values()):
+            gate.closed = True
+            gate.signal.notify()
+        super().close(now)
 
     def set_scripts(self, scripts: tuple[tuple[Step, ...], ...]) -> None:
         """Later connections run ``scripts``, counting from 0 again."""
@@ -326,80 +116,6 @@ class Listener:
         self.event("#%d parked at gate %r", connection.record.index, name)
         return False
 
-    def _drop_held(self) -> None:
-        held, self._held = self._held, None
-        if held is not None:
-            held.close()
-
-    def close(self, now: float) -> None:
-        """Close the listening socket and every connection (the server is closing)."""
-        self.stop_listening()
-        for gate in list(self.gates.values()):
-            gate.closed = True
-            gate.signal.notify()
-        for connection in list(self.connections):
-            try:
-                connection.abort(now)
-            except Exception as exc:
-                connection.crash(exc)
-
-    def forget(self, connection: Connection) -> None:
-        """``connection`` has closed its socket."""
-        self.connections.pop(connection, None)
-
-    def abandon(self, exc: BaseException) -> None:
-        """Closing failed with ``exc``: record it, and close what is left by force."""
-        self.log.add_failure(f"server {self.name}: closing failed: {describe_error(exc)}")
-        sock, self.sock = self.sock, None
-        if sock is not None and self.reactor is not None:
-            self.reactor.forget_file(sock)
-            sock.close()
-        self._mask = 0
-        self._cancel_retry()
-        self._drop_held()
-        for connection in list(self.connections):
-            connection.crash(exc)
-
-    def drop_sockets(self) -> None:
-        """In a forked child: close this process's copies of the sockets, and nothing else.
-
-        No shutdown and no RST: the parent's sockets share the connections.
-        """
-        sockets = [connection.sock for connection in self.connections]
-        if self.sock is not None:
-            sockets.append(self.sock)
-        self.sock = None
-        if self._held is not None:
-            sockets.append(self._held)
-            self._held = None
-        self.connections.clear()
-        for sock in sockets:
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-    # ---- internals ----------------------------------------------------------------------------
-
-    def _listen(self, on: bool) -> None:
-        mask = READ if on else 0
-        if self.sock is not None and self.reactor is not None and mask != self._mask:
-            try:
-                self.reactor.update_interest(self.sock, self, self._mask, mask)
-            finally:
-                self._mask = mask if self.reactor.is_registered(self.sock) else 0
-
-    def _pause(self) -> None:
-        self._listen(False)
-        if self._retry is None:
-            assert self.reactor is not None
-            self._retry = self.reactor.call_at(time.monotonic() + ACCEPT_RETRY_SECONDS, self)
-
-    def _cancel_retry(self) -> None:
-        if self._retry is not None and self.reactor is not None:
-            self.reactor.cancel(self._retry)
-        self._retry = None
-
     def _start(self, sock: socket.socket, peer: object) -> None:
         now = time.monotonic()
         index = self.accepted
@@ -409,11 +125,7 @@ class Listener:
         if self.tracing:
             self.event("#%d accepted from %s", index, format_address(peer))
         try:
-            sock.setblocking(False)
-            if sock.family != _AF_UNIX:
-                # Each step's bytes go out when the script says: Nagle would hold a small
-                # send back (merging Drip's pieces, or losing the bytes before a RESET).
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            configure(sock)
             connection = Connection(self, sock, record, script, now)
         except Exception as exc:  # it must cost this connection, never the listener
             sock.close()
@@ -521,6 +233,14 @@ class Connection:
         self.machine.server_closed(now)
         self._pump(now)
 
+    def drop_sockets(self) -> None:
+        """In a forked child: close this process's copy of the socket, and nothing else."""
+        self._closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
     def pass_gate(self, gate: GateState, steps: tuple[Step, ...]) -> None:
         """Let this connection through ``gate`` (if it is still parked there)."""
         if gate.parked.pop(self, False) is None and not self._closed:
@@ -597,7 +317,7 @@ class Connection:
         buffer = reactor.receive_buffer()
         try:
             count = self.sock.recv_into(buffer)
-        except _WOULD_BLOCK:
+        except WOULD_BLOCK:
             self._want(READ, deadline)
             return None
         except OSError as exc:
@@ -617,7 +337,7 @@ class Connection:
             return True
         try:
             sent = self.sock.send(action.data)
-        except _WOULD_BLOCK:
+        except WOULD_BLOCK:
             self._want(WRITE, action.deadline)
             return False
         except OSError as exc:
@@ -723,7 +443,7 @@ class Connection:
         assert out is not None
         try:
             sent = self.sock.send(out)
-        except _WOULD_BLOCK:
+        except WOULD_BLOCK:
             self._want(WRITE, _wake_time(action))
             return False
         except OSError as exc:
@@ -814,16 +534,6 @@ _PERFORM: dict[type, Callable[[Connection, object, float], bool]] = {
 
 def _nobody() -> object:
     return None
-
-
-def _unlink_socket(path: object) -> None:
-    """Remove a Unix socket's file before binding its path again (only a socket file)."""
-    if isinstance(path, (str, bytes)) and path and path[:1] not in ("\0", b"\0"):
-        try:
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                os.unlink(path)
-        except OSError:
-            pass
 
 
 def _wake_time(action: object) -> float | None:

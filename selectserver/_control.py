@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ._connection import Connection
     from ._reactor import Reactor
 
-__all__ = ["GateControl", "GateState", "Parked", "make_runner", "run_on_reactor"]
+__all__ = ["GateControl", "GateState", "Parked", "run_on_reactor"]
 
 #: How long a control call waits for the reactor to carry it out.
 CONTROL_SECONDS = 30.0
@@ -164,37 +164,3 @@ def run_on_reactor(
         )
     if failure:
         raise failure[0]
-
-
-def make_runner(
-    submit: Callable[[Callable[[], None]], bool], on_reactor: Callable[[], bool]
-) -> Callable[[Callable[[], None]], None]:
-    """A function that runs a command on the reactor thread and waits until it has run.
-
-    On the reactor thread itself (a Reply calling ``server.down()``) the command is queued and
-    takes effect at the end of the pass.
-    """
-
-    def run(command: Callable[[], None]) -> None:
-        if on_reactor():
-            submit(command)
-            return
-        done = Latch()
-        failure: list[BaseException] = []
-
-        def carry_out() -> None:
-            try:
-                command()
-            except BaseException as exc:
-                failure.append(exc)
-            finally:
-                done.set()
-
-        if not submit(carry_out):
-            raise RuntimeError("the server is closed")
-        if not done.wait(CONTROL_SECONDS):
-            raise TimeoutError(f"the reactor did not carry out the call in {CONTROL_SECONDS} s")
-        if failure:
-            raise failure[0]
-
-    return run

@@ -17,25 +17,26 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import logging
 import os
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from . import _output
-from ._connection import (
-    ACCEPT_BATCH,
-    ACCEPT_RETRY_SECONDS,
-    CALLS_PER_TURN,
+from ._acceptor import (
+    AF_UNIX,
+    READ,
+    WOULD_BLOCK,
+    WRITE,
+    Acceptor,
+    configure,
     describe_error,
     format_address,
 )
-from ._control import run_on_reactor
+from ._connection import CALLS_PER_TURN
 from ._faults import (
     AnyFault,
     Bandwidth,
@@ -55,7 +56,7 @@ from ._faults import (
     Timeout,
 )
 from ._machine import DRAIN_BYTES, DRAIN_SECONDS
-from ._reactor import Reactor, attach
+from ._reactor import Reactor
 from ._recording import (
     Chunk,
     ProxyLog,
@@ -65,18 +66,14 @@ from ._recording import (
     save_document,
     to_document,
 )
-from ._records import DEFAULT_MAX_RECEIVE, Latch, Outcome
+from ._records import DEFAULT_MAX_RECEIVE, Outcome
 from ._servers import (
-    CLOSE_TIMEOUT,
     DEFAULT_TIMEOUT,
-    _bind,
-    _bind_unix,
     _check_int,
     _check_path,
     _check_seconds,
-    _Endpoint,
-    _is_abstract,
-    _SocketFile,
+    _Served,
+    check_reactor,
 )
 
 __all__ = [
@@ -98,14 +95,10 @@ __all__ = [
 
 logger = logging.getLogger("selectserver")
 
-READ = 1  # selectors.EVENT_READ
-WRITE = 2  # selectors.EVENT_WRITE
 #: bytes one recv() takes at most (with MAX_BUFFERED, bounds what a flow holds)
 READ_SIZE = 64 * 1024
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
-_AF_UNIX = getattr(socket, "AF_UNIX", None)
-_WOULD_BLOCK = (BlockingIOError, InterruptedError)
 _RESETS = (ConnectionResetError, BrokenPipeError)
 #: connect_ex() results that mean "under way" for TCP (a Unix connect completes or fails at once)
 _IN_PROGRESS = frozenset(
@@ -113,26 +106,6 @@ _IN_PROGRESS = frozenset(
     for name in ("EINPROGRESS", "EWOULDBLOCK", "EINTR", "WSAEWOULDBLOCK")
     if hasattr(errno, name)
 )
-#: accept() errors that concern only the connection being accepted: the listener goes on
-_ACCEPT_TRANSIENT = frozenset(
-    getattr(errno, name)
-    for name in (
-        "ECONNABORTED",
-        "EPERM",
-        "EPROTO",
-        "ENETDOWN",
-        "ENOPROTOOPT",
-        "EHOSTDOWN",
-        "ENONET",
-        "EHOSTUNREACH",
-        "EOPNOTSUPP",
-        "ENETUNREACH",
-        "ETIMEDOUT",
-        "ECONNRESET",
-    )
-    if hasattr(errno, name)
-)
-
 _CONNECTING, _OPEN, _DRAINING, _DONE = range(4)
 
 Target = tuple[int, Any]  # (address family, address) to connect to
@@ -317,7 +290,7 @@ class ProxyConnection:
         buffer = reactor.receive_buffer()
         try:
             count = source.sock.recv_into(buffer, READ_SIZE)
-        except _WOULD_BLOCK:
+        except WOULD_BLOCK:
             source.readable = False
             return
         except OSError as exc:
@@ -343,7 +316,7 @@ class ProxyConnection:
     def _write(self, flow: Flow, destination: _Side, data: memoryview, now: float) -> None:
         try:
             sent = destination.sock.send(data)
-        except _WOULD_BLOCK:
+        except WOULD_BLOCK:
             destination.blocked = True
             return
         except OSError as exc:
@@ -399,7 +372,7 @@ class ProxyConnection:
                 continue
             sock.setblocking(False)
             code = sock.connect_ex(address)
-            if code == 0 or (code in _IN_PROGRESS and family != _AF_UNIX):
+            if code == 0 or (code in _IN_PROGRESS and family != AF_UNIX):
                 self.server = _Side("server", sock)
                 timeout = self.listener.timeout
                 self._deadline = None if timeout is None else now + timeout
@@ -437,7 +410,7 @@ class ProxyConnection:
 
     def _connected(self, server: _Side, now: float) -> None:
         sock = server.sock
-        if sock.family != _AF_UNIX:
+        if sock.family != AF_UNIX:
             try:
                 # Pieces go out when the faults say: Nagle would merge a Slicer's pieces.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -492,7 +465,7 @@ class ProxyConnection:
                 calls += 1
                 try:
                     count = side.sock.recv_into(buffer, READ_SIZE)
-                except _WOULD_BLOCK:
+                except WOULD_BLOCK:
                     side.readable = False
                     break
                 except OSError as exc:
@@ -640,29 +613,12 @@ def _earliest(first: float | None, second: float | None) -> float | None:
     return first if second is None else min(first, second)
 
 
-class ProxyListener:
+class ProxyListener(Acceptor):
     """One proxy on the reactor: accepts clients and starts a ProxyConnection for each."""
 
-    __slots__ = (
-        "__weakref__",
-        "_address",
-        "_held",
-        "_mask",
-        "_retry",
-        "accepted",
-        "closed",
-        "connections",
-        "faults",
-        "log",
-        "name",
-        "on_upstream_error",
-        "reactor",
-        "sock",
-        "targets",
-        "timeout",
-        "upstream_name",
-        "verbose",
-    )
+    KIND = "PROXY"
+
+    __slots__ = ("faults", "on_upstream_error", "targets", "timeout", "upstream_name")
 
     def __init__(
         self,
@@ -675,119 +631,16 @@ class ProxyListener:
         on_upstream_error: str,
         verbose: bool,
     ) -> None:
-        self.sock: socket.socket | None = sock
-        self._address = sock.getsockname()
-        self.name = format_address(self._address)
-        self.log = log
+        super().__init__(sock, log, verbose=verbose, max_connections=None)
         self.targets = targets
         self.upstream_name = upstream_name
         self.timeout = timeout
         self.on_upstream_error = on_upstream_error
-        self.verbose = verbose
-        self.connections: dict[ProxyConnection, None] = {}
         self.faults: list[FaultHandle] = []  # replaced whole, so other threads may read it
-        self.accepted = 0
-        self.closed: Latch | None = None
-        self.reactor: Reactor | None = None
-        self._mask = 0
-        self._retry: list[object] | None = None
-        self._held: socket.socket | None = None  # the port, bound but not listening (down())
-
-    @property
-    def tracing(self) -> bool:
-        """Whether events go anywhere."""
-        return self.verbose or logger.isEnabledFor(logging.DEBUG)
-
-    def describe_work(self) -> str:
-        return f"proxy {self.name}"
-
-    def event(self, message: str, *args: object) -> None:
-        """A ``PROXY:`` line when verbose, and a DEBUG log record always (written elsewhere)."""
-        if self.verbose:
-            _output.line(f"PROXY: {self.name} " + (message % args if args else message))
-        if logger.isEnabledFor(logging.DEBUG):
-            _output.log(logging.DEBUG, "proxy %s " + message, self.name, *args)
-
-    # ---- called by the reactor ----------------------------------------------------------------
 
     def attach(self, reactor: Reactor) -> None:
-        self.reactor = reactor
-        if self.sock is not None:
-            self._listen(True)
-            self.event("listening, to %s", self.upstream_name)
-
-    def on_event(self) -> None:
-        """Accept what waits, a bounded batch at a time."""
-        for _ in range(ACCEPT_BATCH):
-            sock = self.sock
-            if sock is None:
-                return
-            try:
-                conn, peer = sock.accept()
-            except _WOULD_BLOCK:
-                return
-            except OSError as exc:
-                if exc.errno in _ACCEPT_TRANSIENT:
-                    continue
-                self.event("accept failed (%s); pausing %.2f s", exc, ACCEPT_RETRY_SECONDS)
-                self._pause()
-                return
-            self._start(conn, peer)
-        assert self.reactor is not None
-        self.reactor.call_soon(self)
-
-    def on_timer(self, now: float, when: float) -> None:
-        """Accept again after a pause."""
-        self._retry = None
-        if self.sock is not None:
-            self._listen(True)
-            self.on_event()
-
-    def crash(self, exc: BaseException) -> None:
-        _output.log(logging.ERROR, "proxy %s: listener failed", self.name, exc_info=exc)
-        self.log.add_failure(f"proxy {self.name}: listener failed: {describe_error(exc)}")
-        try:
-            self._pause()
-        except Exception:
-            self.stop_listening()
-
-    def abandon(self, exc: BaseException) -> None:
-        """Closing failed with ``exc``: record it, and close what is left by force."""
-        self.log.add_failure(f"proxy {self.name}: closing failed: {describe_error(exc)}")
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            if self.reactor is not None:
-                self.reactor.forget_file(sock)
-            sock.close()
-        self._mask = 0
-        held, self._held = self._held, None
-        if held is not None:
-            held.close()
-        for connection in list(self.connections):
-            connection.crash(exc)
-
-    def close(self, now: float) -> None:
-        self.stop_listening()
-        for connection in list(self.connections):
-            try:
-                connection.abort(now)
-            except Exception as exc:
-                connection.crash(exc)
-
-    def forget(self, connection: ProxyConnection) -> None:
-        self.connections.pop(connection, None)
-
-    def drop_sockets(self) -> None:
-        for connection in list(self.connections):
-            connection.drop_sockets()
-        self.connections.clear()
-        for sock in (self.sock, self._held):
-            if sock is not None:
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-        self.sock = self._held = None
+        super().attach(reactor)
+        self.event("relaying to %s", self.upstream_name)
 
     # ---- control (reactor thread, through commands) -------------------------------------------
 
@@ -808,81 +661,6 @@ class ProxyListener:
             _kick(connection)
         self.event("fault removed: %r", handle.fault)
 
-    def stop_listening(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        try:
-            self._listen(False)
-        except Exception:
-            pass
-        self.sock = None
-        if self._retry is not None and self.reactor is not None:
-            self.reactor.cancel(self._retry)
-        self._retry = None
-        sock.close()
-        held, self._held = self._held, None
-        if held is not None:
-            held.close()
-
-    def down(self) -> None:
-        """Refuse connections, keeping the port bound (not listening) so nobody takes it."""
-        sock = self.sock
-        if sock is None:
-            return
-        self.stop_listening()
-        if sock.family != _AF_UNIX:
-            held = socket.socket(sock.family, socket.SOCK_STREAM)
-            try:
-                held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                held.bind(self._address)
-                held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
-            except BaseException:
-                held.close()
-                raise
-            self._held = held
-        self.event("down: refusing connections")
-
-    def up(self) -> None:
-        """Listen again on the same address."""
-        if self.sock is not None:
-            return
-        held, self._held = self._held, None
-        if held is None:  # a Unix socket: bind its path again
-            held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                path = self._address
-                if isinstance(path, (str, bytes)) and path and path[:1] not in ("\0", b"\0"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-                held.bind(path)
-            except BaseException:
-                held.close()
-                raise
-        else:
-            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        held.listen(socket.SOMAXCONN)
-        held.setblocking(False)
-        self.sock = held
-        self._listen(True)
-        self.event("up: listening again")
-
-    # ---- internals ----------------------------------------------------------------------------
-
-    def _listen(self, on: bool) -> None:
-        mask = READ if on else 0
-        if self.sock is not None and self.reactor is not None and mask != self._mask:
-            try:
-                self.reactor.update_interest(self.sock, self, self._mask, mask)
-            finally:
-                self._mask = mask if self.reactor.is_registered(self.sock) else 0
-
-    def _pause(self) -> None:
-        self._listen(False)
-        if self._retry is None:
-            assert self.reactor is not None
-            self._retry = self.reactor.call_at(time.monotonic() + ACCEPT_RETRY_SECONDS, self)
-
     def _start(self, sock: socket.socket, peer: object) -> None:
         now = time.monotonic()
         index = self.accepted
@@ -891,9 +669,7 @@ class ProxyListener:
         if self.tracing:
             self.event("#%d accepted from %s", index, format_address(peer))
         try:
-            sock.setblocking(False)
-            if sock.family != _AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            configure(sock)
             connection = ProxyConnection(self, sock, record, now)
         except Exception as exc:  # it must cost this connection, never the listener
             sock.close()
@@ -922,9 +698,9 @@ def _resolve(upstream: object) -> tuple[list[Target], str]:
     if isinstance(upstream, (str, bytes)):
         if not upstream:
             raise ValueError("upstream: a Unix socket path must not be empty")
-        if _AF_UNIX is None:
+        if AF_UNIX is None:
             raise OSError("Unix-domain sockets are not available on this platform")
-        return [(_AF_UNIX, upstream)], format_address(upstream)
+        return [(AF_UNIX, upstream)], format_address(upstream)
     if not isinstance(upstream, (tuple, list)) or len(upstream) != 2:
         raise TypeError(f"upstream must be (host, port) or a Unix socket path, got {upstream!r}")
     host, port = upstream
@@ -938,7 +714,7 @@ def _resolve(upstream: object) -> tuple[list[Target], str]:
     return targets, format_address((host, port))
 
 
-class FaultProxy(_Endpoint):
+class FaultProxy(_Served):
     """A TCP proxy in front of ``upstream``, on the shared reactor thread, that injects faults.
 
     Example::
@@ -967,7 +743,8 @@ class FaultProxy(_Endpoint):
         OSError: the address cannot be bound, or the upstream host cannot be resolved.
     """
 
-    __slots__ = ("_close_calls", "_listener", "_log", "_reactor", "_socket_file")
+    __slots__ = ("_log",)
+    _listener: ProxyListener
 
     def __init__(
         self,
@@ -982,13 +759,7 @@ class FaultProxy(_Endpoint):
         max_record: int = DEFAULT_MAX_RECEIVE,
         reactor: Reactor | None = None,
     ) -> None:
-        if reactor is not None:
-            if not isinstance(reactor, Reactor):
-                raise TypeError(f"reactor must be a selectserver Reactor or None, got {reactor!r}")
-            if not reactor.started:
-                raise ValueError(f"reactor {reactor!r} was never started: call its start() first")
-            if reactor.stopping:
-                raise RuntimeError(f"reactor {reactor!r} is closed")
+        check_reactor(reactor)
         if path is not None:
             _check_path(path)
         _check_seconds("timeout", timeout, allow_none=True)
@@ -999,17 +770,8 @@ class FaultProxy(_Endpoint):
         _check_int("max_record", max_record, 0)
         targets, upstream_name = _resolve(upstream)
         self._log = ProxyLog(max_record)
-        self._close_calls = itertools.count()
-        self._socket_file: _SocketFile | None = None
-        sock = _bind(host, port, listen=True) if path is None else _bind_unix(path)
-        if path is not None and not _is_abstract(path):
-            try:
-                self._socket_file = _SocketFile(path)
-            except OSError:
-                sock.close()
-                raise
-        self._sock_name = sock.getsockname()[:2] if path is None else path
-        self._listener = ProxyListener(
+        sock = self._bind_address(host, port, path)
+        listener = ProxyListener(
             sock,
             self._log,
             targets=targets,
@@ -1018,19 +780,7 @@ class FaultProxy(_Endpoint):
             on_upstream_error=on_upstream_error,
             verbose=bool(verbose),
         )
-        if reactor is None:
-            self._reactor: Reactor = attach(self._listener)
-        elif reactor.add_server(self._listener):
-            self._reactor = reactor
-        else:
-            self._listener.close(0.0)
-            if self._socket_file is not None:
-                self._socket_file.remove()
-            raise RuntimeError(f"reactor {reactor!r} is closed")
-
-    def _run(self, command: Callable[[], None]) -> None:
-        """Run ``command`` on the reactor thread; return once it has run."""
-        run_on_reactor(self._reactor, command)
+        self._serve(listener, reactor)
 
     # ---- faults -------------------------------------------------------------------------------
 
@@ -1139,53 +889,6 @@ class FaultProxy(_Endpoint):
         """Write every connection to ``path`` as a recording (JSON, format in
         ``_recording.py``); ``load_recording(path)`` makes the scripts that replay it."""
         save_document(to_document(list(self._log.records), self.upstream), path)
-
-    # ---- lifecycle ----------------------------------------------------------------------------
-
-    def down(self) -> None:
-        """Refuse new connections, keeping the port; live connections go on."""
-        self._run(self._listener.down)
-
-    def up(self) -> None:
-        """Listen again on the same port after :meth:`down`."""
-        self._run(self._listener.up)
-        if self._socket_file is not None:
-            self._socket_file = _SocketFile(self._socket_file.path)
-
-    @property
-    def _closing(self) -> bool:
-        return self._listener.closed is not None
-
-    def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
-        """Stop listening and close every proxied connection; idempotent and thread-safe.
-
-        Raises:
-            TimeoutError: the reactor did not close the proxy within ``timeout`` seconds.
-            RuntimeError: the reactor thread itself failed.
-        """
-        listener, reactor = self._listener, self._reactor
-        if next(self._close_calls) == 0:  # atomic: exactly one caller is first
-            closed = listener.closed = Latch()
-            if not reactor.remove_server(listener):
-                closed.set()
-            if self._socket_file is not None:
-                self._socket_file.remove()
-        if threading.current_thread() is reactor.thread:
-            return
-        closed_event = listener.closed
-        if closed_event is None:
-            return
-        if not closed_event.wait(threading.TIMEOUT_MAX if timeout is None else timeout):
-            raise TimeoutError(f"closing {self!r} took more than {timeout} s: {reactor.doing()}")
-        if reactor.stopping:
-            reactor.join(timeout)
-        _output.flush()
-        self._raise_reactor_error()
-
-    def _raise_reactor_error(self) -> None:
-        error = self._reactor.error
-        if error is not None:
-            raise RuntimeError(f"the selectserver reactor thread failed: {error!r}") from error
 
     def __repr__(self) -> str:
         state = "closed" if self._closing else "serving"

@@ -28,7 +28,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _output
-from ._connection import Listener, format_address
+from ._acceptor import Acceptor, format_address
+from ._connection import Listener
 from ._control import GateControl, GateState, run_on_reactor
 from ._reactor import Reactor, attach
 from ._records import DEFAULT_MAX_RECEIVE, ConnectionRecord, Latch, ServerLog
@@ -239,7 +240,116 @@ class _Endpoint(abc.ABC):
         self.close()
 
 
-class CommandServer(_Endpoint):
+class _Served(_Endpoint):
+    """A server whose listener runs on a reactor: binding, control calls and closing."""
+
+    __slots__ = ("_close_calls", "_listener", "_reactor", "_socket_file")
+
+    _listener: Acceptor
+    _reactor: Reactor
+
+    def _bind_address(self, host: str, port: int, path: str | bytes | None) -> socket.socket:
+        """Bind (and listen on) the address, in the caller's thread."""
+        self._close_calls = itertools.count()
+        self._socket_file: _SocketFile | None = None
+        sock = _bind(host, port, listen=True) if path is None else _bind_unix(path)
+        if path is not None and not _is_abstract(path):
+            try:
+                self._socket_file = _SocketFile(path)
+            except OSError:
+                sock.close()
+                raise
+        # A Unix socket keeps the path as the caller gave it: getsockname() would return an
+        # abstract name as bytes and a bytes path as str.
+        self._sock_name = sock.getsockname()[:2] if path is None else path
+        return sock
+
+    def _serve(self, listener: Acceptor, reactor: Reactor | None) -> None:
+        """Hand ``listener`` to ``reactor`` (None: the shared default one)."""
+        self._listener = listener
+        if reactor is None:
+            self._reactor = attach(listener)
+        elif reactor.add_server(listener):
+            self._reactor = reactor
+        else:
+            listener.close(0.0)
+            self._remove_socket_file()
+            raise RuntimeError(f"reactor {reactor!r} is closed")
+
+    def _run(self, command: Callable[[], None]) -> None:
+        """Run ``command`` on the reactor thread; return once it has run."""
+        run_on_reactor(self._reactor, command)
+
+    def down(self) -> None:
+        """Refuse new connections, keeping the port so nobody else can take it (as
+        ``RefusingServer`` does); live connections go on. In effect when it returns."""
+        self._run(self._listener.down)
+
+    def up(self) -> None:
+        """Listen again on the same port after :meth:`down`. In effect when it returns."""
+        self._run(self._listener.up)
+        if self._socket_file is not None:
+            self._socket_file = _SocketFile(self._socket_file.path)
+
+    @property
+    def _closing(self) -> bool:
+        return self._listener.closed is not None
+
+    def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
+        """Stop listening and close every connection; idempotent and thread-safe.
+
+        Returns once the reactor has closed the listening socket and every connection. Safe
+        from a signal handler and from a finalizer on the reactor thread (which cannot wait:
+        the close then completes right after).
+
+        Raises:
+            TimeoutError: the reactor did not close the server within ``timeout`` seconds
+                (saying what the reactor is busy with).
+            RuntimeError: the reactor thread itself failed (the error is chained).
+        """
+        listener = self._listener
+        reactor = self._reactor
+        first = next(self._close_calls) == 0  # atomic: exactly one caller is first
+        if first:
+            closed = listener.closed = Latch()
+            if not reactor.remove_server(listener):
+                closed.set()  # the reactor already stopped, closing everything
+            self._remove_socket_file()
+        if threading.current_thread() is reactor.thread:
+            return
+        closed_event = listener.closed
+        if closed_event is None:
+            return  # the first close is under way on this thread (a signal handler)
+        if not closed_event.wait(threading.TIMEOUT_MAX if timeout is None else timeout):
+            raise TimeoutError(f"closing {self!r} took more than {timeout} s: {reactor.doing()}")
+        if reactor.stopping:
+            reactor.join(timeout)
+        _output.flush()
+        self._raise_reactor_error()
+
+    def _remove_socket_file(self) -> None:
+        if self._socket_file is not None:
+            self._socket_file.remove()
+
+    def _raise_reactor_error(self) -> None:
+        error = self._reactor.error
+        if error is not None:
+            raise RuntimeError(f"the selectserver reactor thread failed: {error!r}") from error
+
+
+def check_reactor(reactor: object) -> None:
+    """TypeError/ValueError/RuntimeError unless ``reactor`` is None or a running Reactor."""
+    if reactor is None:
+        return
+    if not isinstance(reactor, Reactor):
+        raise TypeError(f"reactor must be a selectserver Reactor or None, got {reactor!r}")
+    if not reactor.started:
+        raise ValueError(f"reactor {reactor!r} was never started: call its start() first")
+    if reactor.stopping:
+        raise RuntimeError(f"reactor {reactor!r} is closed")
+
+
+class CommandServer(_Served):
     """A fake TCP server that plays a script to every client, on the shared reactor thread.
 
     Example::
@@ -299,13 +409,7 @@ class CommandServer(_Endpoint):
         path: str | bytes | None = None,
         reactor: Reactor | None = None,
     ) -> None:
-        if reactor is not None:
-            if not isinstance(reactor, Reactor):
-                raise TypeError(f"reactor must be a selectserver Reactor or None, got {reactor!r}")
-            if not reactor.started:
-                raise ValueError(f"reactor {reactor!r} was never started: call its start() first")
-            if reactor.stopping:
-                raise RuntimeError(f"reactor {reactor!r} is closed")
+        check_reactor(reactor)
         if path is not None:
             _check_path(path)
         if not isinstance(tls_client_auth, bool):
@@ -317,19 +421,8 @@ class CommandServer(_Endpoint):
         _check_seconds("timeout", timeout, allow_none=True)
         _check_int("max_receive", max_receive, 0)
         self._log = self._make_log(max_receive)
-        self._close_calls = itertools.count()
-        self._socket_file: _SocketFile | None = None
-        sock = _bind(host, port, listen=True) if path is None else _bind_unix(path)
-        if path is not None and not _is_abstract(path):
-            try:
-                self._socket_file = _SocketFile(path)
-            except OSError:
-                sock.close()
-                raise
-        # A Unix socket keeps the path as the caller gave it: getsockname() would return an
-        # abstract name as bytes and a bytes path as str.
-        self._sock_name = sock.getsockname()[:2] if path is None else path
-        self._listener = Listener(
+        sock = self._bind_address(host, port, path)
+        listener = Listener(
             sock,
             compiled,
             self._log,
@@ -339,25 +432,11 @@ class CommandServer(_Endpoint):
             tls_context=None if self._tls is None else self._tls.context,
         )
         self._gates: dict[str, GateControl] | None = None  # made by the first gate()
-        self._listener.owner = weakref.ref(self)
-        if reactor is None:
-            self._reactor: Reactor = attach(self._listener)
-        elif reactor.add_server(self._listener):
-            self._reactor = reactor
-        else:
-            self._listener.close(0.0)
-            self._remove_socket_file()
-            raise RuntimeError(f"reactor {reactor!r} is closed")
+        listener.owner = weakref.ref(self)
+        self._serve(listener, reactor)
 
-    __slots__ = (
-        "_close_calls",
-        "_gates",
-        "_listener",
-        "_log",
-        "_reactor",
-        "_socket_file",
-        "_tls",
-    )
+    __slots__ = ("_gates", "_log", "_tls")
+    _listener: Listener
 
     def _make_log(self, max_receive: int) -> ServerLog:
         return ServerLog(max_receive)
@@ -401,20 +480,6 @@ class CommandServer(_Endpoint):
                 state.closed = True
             control = self._gates.setdefault(name, GateControl(state, self._reactor))
         return control
-
-    def _run(self, command: Callable[[], None]) -> None:
-        run_on_reactor(self._reactor, command)
-
-    def down(self) -> None:
-        """Refuse new connections, keeping the port so nobody else can take it (as
-        ``RefusingServer`` does); live connections go on. In effect when it returns."""
-        self._run(self._listener.down)
-
-    def up(self) -> None:
-        """Listen again on the same port after :meth:`down`. In effect when it returns."""
-        self._run(self._listener.up)
-        if self._socket_file is not None:
-            self._socket_file = _SocketFile(self._socket_file.path)
 
     def set_scripts(self, *scripts: object) -> None:
         """Later connections run ``scripts`` (connection k of them runs ``scripts[k]``, counting
@@ -464,51 +529,6 @@ class CommandServer(_Endpoint):
         """
         self._raise_reactor_error()
         self._log.check()
-
-    @property
-    def _closing(self) -> bool:
-        return self._listener.closed is not None
-
-    def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
-        """Stop listening and close every connection; idempotent and thread-safe.
-
-        Returns once the reactor has closed the listening socket and every connection. Safe
-        from a signal handler and from a finalizer on the reactor thread (which cannot wait:
-        the close then completes right after).
-
-        Raises:
-            TimeoutError: the reactor did not close the server within ``timeout`` seconds
-                (saying what the reactor is busy with).
-            RuntimeError: the reactor thread itself failed (the error is chained).
-        """
-        listener = self._listener
-        reactor = self._reactor
-        first = next(self._close_calls) == 0  # atomic: exactly one caller is first
-        if first:
-            closed = listener.closed = Latch()
-            if not reactor.remove_server(listener):
-                closed.set()  # the reactor already stopped, closing everything
-            self._remove_socket_file()
-        if threading.current_thread() is reactor.thread:
-            return
-        closed_event = listener.closed
-        if closed_event is None:
-            return  # the first close is under way on this thread (a signal handler)
-        if not closed_event.wait(threading.TIMEOUT_MAX if timeout is None else timeout):
-            raise TimeoutError(f"closing {self!r} took more than {timeout} s: {reactor.doing()}")
-        if reactor.stopping:
-            reactor.join(timeout)
-        _output.flush()
-        self._raise_reactor_error()
-
-    def _remove_socket_file(self) -> None:
-        if self._socket_file is not None:
-            self._socket_file.remove()
-
-    def _raise_reactor_error(self) -> None:
-        error = self._reactor.error
-        if error is not None:
-            raise RuntimeError(f"the selectserver reactor thread failed: {error!r}") from error
 
     def __repr__(self) -> str:
         state = "closed" if self._closing else "serving"
