@@ -7,7 +7,21 @@ assert b"GET" in b"".join(srv.received)
 """
 
 from ._control import GateControl, Parked
+from ._faults import (
+    Bandwidth,
+    Fault,
+    FaultHandle,
+    Hold,
+    Latency,
+    LimitData,
+    ResetPeer,
+    Slicer,
+    SlowClose,
+    Timeout,
+)
+from ._proxy import FaultProxy
 from ._reactor import Reactor, ReactorStatistics, statistics
+from ._recording import Chunk, ProxyRecord, load_recording
 from ._records import ConnectionRecord, Outcome
 from ._script import (
     BREAK,
@@ -47,6 +61,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BREAK",
+    "Bandwidth",
+    "Chunk",
+    "Fault",
+    "FaultHandle",
+    "FaultProxy",
+    "Hold",
+    "Latency",
+    "LimitData",
+    "ProxyRecord",
+    "ResetPeer",
+    "Slicer",
+    "SlowClose",
+    "Timeout",
+    "load_recording",
     "CLOSE",
     "DEFAULT_TIMEOUT",
     "HALF_CLOSE",
