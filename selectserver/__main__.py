@@ -1,6 +1,11 @@
-"""The command line: run a fake server in the foreground.
+"""The command line: run a fake server, a fault proxy or a replay in the foreground.
 
 python -m selectserver serve [--host H] [--port P] [--once] [--tls] [--script FILE | STEP ...]
+python -m selectserver proxy UPSTREAM [--latency S] [--bandwidth BPS] [--reset-after N] ...
+python -m selectserver replay FILE [--host H] [--port P] [--once]
+
+Each prints its address first, then each connection's transcript as it ends, until Ctrl-C
+or SIGTERM.
 """
 
 from __future__ import annotations
@@ -8,15 +13,32 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import math
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol, TypeVar
 
 from ._connection import format_address
+from ._faults import AnyFault, Bandwidth, Latency, ResetPeer
+from ._proxy import FaultProxy
+from ._recording import ProxyRecord, load_recording
 from ._records import ConnectionRecord
 from ._script import Command, Delay, Expect, ReadUntil, compile_script
 from ._servers import CommandServer
 
-__all__ = ["DEMO_SCRIPT", "format_transcript", "load_script", "main", "parse_step"]
+__all__ = [
+    "DEMO_SCRIPT",
+    "format_proxy_transcript",
+    "format_transcript",
+    "load_script",
+    "main",
+    "parse_step",
+    "parse_upstream",
+]
 
 _DEMO_BODY = b"hello from selectserver\n"
 #: With no steps, the server answers any HTTP request with this small 200 response.
@@ -44,6 +66,17 @@ as above (a string) or an integer, e.g. ["until:\\r\\n\\r\\n", "HTTP/1.0 200 OK\
 Examples:
   python -m selectserver serve --port 8080 RECEIVE 'HTTP/1.0 200 OK\\r\\n\\r\\nhi'
   python -m selectserver serve --tls --script steps.json
+"""
+
+_PROXY_HELP = """\
+Each fault option adds one fault that acts on every connection, in --direction: the
+latency delays each chunk as it is read, the bandwidth paces what goes out, the reset
+counts the bytes passed on.
+Examples:
+  python -m selectserver proxy 127.0.0.1:6379 --port 6380 --latency 0.2 --jitter 0.05
+  python -m selectserver proxy '[::1]:8080' --bandwidth 1000 --direction both
+  python -m selectserver proxy /run/app.sock --reset-after 100 --record app.json
+  python -m selectserver replay app.json --port 6380
 """
 
 
@@ -155,6 +188,284 @@ def _preview(data: bytes, limit: int = 200) -> str:
     return f"{data[:limit]!r}... ({len(data)} bytes)"
 
 
+def format_proxy_transcript(record: ProxyRecord, *, limit: int = 200) -> str:
+    """A proxied connection's record as a few readable lines, at most ``limit`` bytes shown
+    per direction.
+
+    One line per direction: the bytes that side sent as the proxy read them (before faults),
+    how many were passed on when that differs, and how the side ended; then the faults the
+    connection drew, why it ended, and its failure, if any.
+    """
+    lines = [
+        f"connection {record.index} from {format_address(record.peer)}: "
+        f"{record.outcome.value if record.outcome else 'running'}"
+    ]
+    for arrow, chunks, passed, end in (
+        ("client -> server", record.upstream, record.passed_upstream, record.client_end),
+        ("server -> client", record.downstream, record.passed_downstream, record.server_end),
+    ):
+        data = b"".join(chunk.data for chunk in list(chunks))
+        line = f"  {arrow}: {len(data)} bytes"
+        if passed != len(data):
+            line += f" ({passed} passed on)"
+        line += f", then {end or 'still open'}"
+        if data:
+            line += f": {data[:limit]!r}{'...' if len(data) > limit else ''}"
+        lines.append(line)
+    if record.faults:
+        lines.append(f"  faults: {', '.join(map(repr, list(record.faults)))}")
+    uncounted = [
+        f"{count} bytes {what}"
+        for count, what in ((record.dropped, "dropped"), (record.unrecorded, "not recorded"))
+        if count
+    ]
+    if uncounted:
+        lines.append(f"  ({', '.join(uncounted)})")
+    if record.detail and not (record.failure and record.detail in record.failure):
+        lines.append(f"  ended: {record.detail}")
+    if record.failure:
+        lines.append(f"  FAILED: {record.failure}")
+    return "\n".join(lines)
+
+
+def parse_upstream(text: str) -> tuple[str, int] | str:
+    """A ``proxy`` UPSTREAM as FaultProxy's ``upstream``: ``HOST:PORT`` and ``[IPv6]:PORT``
+    give ``(host, port)``; anything with a ``/`` is a Unix socket path.
+
+    Raises:
+        argparse.ArgumentTypeError: none of these, or a port outside 1 to 65535.
+    """
+    if "/" in text:
+        return text
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        if ":" in host:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:6379"
+            )
+    if not sep or not host or not port:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected HOST:PORT, [IPv6]:PORT or a Unix socket path (with a /)"
+        )
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be 1 to 65535, got {port!r}")
+    return host, int(port)
+
+
+def _number(text: str, *, positive: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number {'> 0' if positive else '>= 0'}, got {text!r}"
+        )
+    return value
+
+
+def _seconds(text: str) -> float:
+    return _number(text, positive=False)
+
+
+def _rate(text: str) -> float:
+    return _number(text, positive=True)
+
+
+def _count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+class _Record(Protocol):
+    @property
+    def index(self) -> int: ...
+
+
+_R = TypeVar("_R", bound=_Record)
+
+
+def _print_transcripts(
+    wait: Callable[[int], Sequence[_R]],
+    describe: Callable[[_R], str],
+    printed: set[int],
+    limit: int | None,
+) -> None:
+    """Print each connection's transcript as it ends until ``limit`` have (None: forever);
+    ``wait(n)`` blocks until ``n`` have ended. ``printed`` collects their indices."""
+    while limit is None or len(printed) < limit:
+        for record in wait(len(printed) + 1):
+            if record.index not in printed:
+                printed.add(record.index)
+                print(describe(record), flush=True)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Inside, SIGTERM raises KeyboardInterrupt as Ctrl-C does (in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _error(message: object) -> int:
+    print(f"selectserver: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run_server(server: CommandServer, once: bool) -> int:
+    """Print transcripts until one connection (``once``) or Ctrl-C/SIGTERM; close ``server``.
+
+    Returns 1 if a connection failed, else 0.
+    """
+    try:
+        with server, _sigterm_interrupts():
+            _print_transcripts(
+                lambda n: server.wait_for_connections(n, timeout=None),
+                format_transcript,
+                set(),
+                1 if once else None,
+            )
+    except KeyboardInterrupt:
+        print("selectserver: stopped", flush=True)
+    return 1 if any(r.failure for r in server.connections) else 0
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.script is not None and args.steps:
+        parser.error("give --script FILE or STEP arguments, not both")
+    try:
+        if args.script is not None:
+            steps = load_script(args.script)
+        else:
+            steps = args.steps or DEMO_SCRIPT
+            compile_script(steps, tls=args.tls)
+        server = CommandServer(
+            steps,
+            args.host,
+            args.port,
+            args.verbose,
+            max_connections=1 if args.once else None,
+            timeout=args.timeout,
+            tls=True if args.tls else None,
+        )
+    except (TypeError, ValueError, OSError, ImportError) as exc:
+        return _error(exc)
+    print(f"selectserver: serving on {server.url} (Ctrl-C to stop)", flush=True)
+    if server.ca_path is not None:
+        print(
+            f"selectserver: CA certificate: {server.ca_path} "
+            f"(e.g. curl --cacert {server.ca_path} {server.url}/)",
+            flush=True,
+        )
+    return _run_server(server, args.once)
+
+
+def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    path = args.file
+    try:
+        scripts = load_recording(path)
+    except (TypeError, ValueError, OSError) as exc:
+        message = str(exc)
+        return _error(message if message.startswith(f"{path}: ") else f"{path}: {message}")
+    try:
+        server = CommandServer(
+            None,
+            args.host,
+            args.port,
+            args.verbose,
+            scripts=scripts,
+            max_connections=1 if args.once else None,
+            timeout=args.timeout,
+        )
+    except (TypeError, ValueError, OSError) as exc:
+        return _error(exc)
+    print(f"selectserver: serving on {server.url} (Ctrl-C to stop)", flush=True)
+    print(
+        f"selectserver: replaying the {len(scripts)} connection(s) recorded in {path} "
+        "(later connections replay the last)",
+        flush=True,
+    )
+    return _run_server(server, args.once)
+
+
+def _check_writable(path: str) -> None:
+    """OSError unless a file can be saved at ``path`` (checked before the proxy starts)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise OSError(f"--record {path}: is a directory")
+    if not os.path.isdir(directory):
+        raise OSError(f"--record {path}: no such directory {directory}")
+    if not os.access(directory, os.W_OK):
+        raise OSError(f"--record {path}: directory {directory} is not writable")
+
+
+def _proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.jitter is not None and args.latency is None:
+        parser.error("--jitter needs --latency (--latency 0 --jitter J: delays of 0 to J s)")
+    direction = args.direction
+    faults: list[AnyFault] = []
+    if args.latency is not None:
+        faults.append(Latency(args.latency, jitter=args.jitter or 0.0, direction=direction))
+    if args.bandwidth is not None:
+        faults.append(Bandwidth(args.bandwidth, direction=direction))
+    if args.reset_after is not None:
+        faults.append(ResetPeer(after_bytes=args.reset_after, direction=direction))
+    try:
+        if args.record is not None:
+            _check_writable(args.record)
+        proxy = FaultProxy(args.upstream, args.host, args.port, args.verbose, timeout=args.timeout)
+    except (TypeError, ValueError, OSError) as exc:
+        return _error(exc)
+    printed: set[int] = set()
+    with proxy:
+        try:
+            with _sigterm_interrupts():
+                for fault in faults:  # before the address is printed: every client gets them
+                    proxy.add(fault)
+                print(
+                    f"selectserver: proxying {format_address(proxy.address)} -> "
+                    f"{proxy.upstream} (Ctrl-C to stop)",
+                    flush=True,
+                )
+                _print_transcripts(
+                    lambda n: proxy.wait_for_connections(n, timeout=None),
+                    format_proxy_transcript,
+                    printed,
+                    None,
+                )
+        except KeyboardInterrupt:
+            pass
+        proxy.close()  # ends the live connections, so their records are complete
+    for record in proxy.connections:
+        if record.index not in printed:
+            print(format_proxy_transcript(record), flush=True)
+    status = 0
+    if args.record is not None:
+        try:
+            proxy.save(args.record)
+        except OSError as exc:
+            print(f"selectserver: error: saving {args.record}: {exc}", file=sys.stderr)
+            status = 1
+        else:
+            count = len(proxy.connections)
+            print(f"selectserver: saved {count} connection(s) to {args.record}", flush=True)
+    print("selectserver: stopped", flush=True)
+    return status
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selectserver", description="Scriptable, misbehaving TCP servers for tests."
@@ -190,51 +501,97 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="print every event")
     serve.add_argument("steps", nargs="*", type=parse_step, metavar="STEP")
+    serve.set_defaults(run=_serve, parser=serve)
+
+    proxy = commands.add_parser(
+        "proxy",
+        help="run a fault-injecting TCP proxy in the foreground until Ctrl-C",
+        description="Relay every client to UPSTREAM with the faults given, printing each "
+        "connection's transcript as it ends,\nuntil Ctrl-C or SIGTERM (then --record saves "
+        "every connection).",
+        epilog=_PROXY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    proxy.add_argument(
+        "upstream",
+        type=parse_upstream,
+        metavar="UPSTREAM",
+        help="where to connect: HOST:PORT, [IPv6]:PORT, or a Unix socket path (with a /)",
+    )
+    _add_address(proxy)
+    proxy.add_argument(
+        "--latency", type=_seconds, metavar="S", help="delay each chunk by S seconds"
+    )
+    proxy.add_argument(
+        "--jitter", type=_seconds, metavar="S", help="with --latency: vary each delay by up to ±S"
+    )
+    proxy.add_argument(
+        "--bandwidth", type=_rate, metavar="BPS", help="pass at most BPS bytes per second"
+    )
+    proxy.add_argument(
+        "--reset-after",
+        type=_count,
+        metavar="N",
+        help="reset both sides (RST) once N bytes have passed (0: at the first chunk)",
+    )
+    proxy.add_argument(
+        "--direction",
+        choices=("downstream", "upstream", "both"),
+        default="downstream",
+        help="which way the faults act: server to client (the default), client to server, "
+        "or each way on its own",
+    )
+    proxy.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        default=30.0,
+        help="seconds a connection may pass no bytes before it is closed, and the longest an "
+        "upstream connect may take (default 30)",
+    )
+    proxy.add_argument(
+        "--record",
+        metavar="FILE",
+        help="on Ctrl-C or SIGTERM, save every connection to FILE, for replay FILE",
+    )
+    proxy.add_argument("-v", "--verbose", action="store_true", help="print every event")
+    proxy.set_defaults(run=_proxy, parser=proxy)
+
+    replay = commands.add_parser(
+        "replay",
+        help="serve the server side of a proxy --record FILE",
+        description="Serve the server's side of each connection recorded by proxy --record "
+        "(connection k replays recorded connection k; later ones replay the last), printing "
+        "each connection's transcript, until Ctrl-C or SIGTERM.",
+    )
+    replay.add_argument("file", metavar="FILE", help="a recording saved by proxy --record")
+    _add_address(replay)
+    replay.add_argument("--once", action="store_true", help="serve one connection, then exit")
+    replay.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        default=30.0,
+        help="seconds a step waits for the client (default 30)",
+    )
+    replay.add_argument("-v", "--verbose", action="store_true", help="print every event")
+    replay.set_defaults(run=_replay, parser=replay)
     return parser
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; ::1 for IPv6)"
+    )
+    parser.add_argument("--port", type=int, default=0, help="port (default: any free port)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.script is not None and args.steps:
-        parser.error("give --script FILE or STEP arguments, not both")
-    try:
-        if args.script is not None:
-            steps = load_script(args.script)
-        else:
-            steps = args.steps or DEMO_SCRIPT
-            compile_script(steps, tls=args.tls)
-        server = CommandServer(
-            steps,
-            args.host,
-            args.port,
-            args.verbose,
-            max_connections=1 if args.once else None,
-            timeout=args.timeout,
-            tls=True if args.tls else None,
-        )
-    except (TypeError, ValueError, OSError, ImportError) as exc:
-        print(f"selectserver: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"selectserver: serving on {server.url} (Ctrl-C to stop)", flush=True)
-    if server.ca_path is not None:
-        print(
-            f"selectserver: CA certificate: {server.ca_path} "
-            f"(e.g. curl --cacert {server.ca_path} {server.url}/)",
-            flush=True,
-        )
-    printed: set[int] = set()
-    try:
-        with server:
-            while not args.once or not printed:
-                for record in server.wait_for_connections(len(printed) + 1, timeout=None):
-                    if record.index not in printed:
-                        printed.add(record.index)
-                        print(format_transcript(record), flush=True)
-    except KeyboardInterrupt:
-        print("selectserver: stopped", flush=True)
-    return 1 if any(r.failure for r in server.connections) else 0
+    run: Callable[[argparse.ArgumentParser, argparse.Namespace], int] = args.run
+    return run(args.parser, args)  # the subcommand's parser, for its usage in errors
 
 
 if __name__ == "__main__":

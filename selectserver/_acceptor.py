@@ -117,18 +117,22 @@ class Acceptor(abc.ABC):
         "connections",
         "log",
         "max_connections",
-        "name",
         "reactor",
         "sock",
         "verbose",
     )
 
     def __init__(
-        self, sock: socket.socket, log: Any, *, verbose: bool, max_connections: int | None
+        self,
+        sock: socket.socket,
+        log: Any,
+        *,
+        address: object,
+        verbose: bool,
+        max_connections: int | None,
     ) -> None:
         self.sock: socket.socket | None = sock
-        self._address = sock.getsockname()
-        self.name = format_address(self._address)
+        self._address: Any = address  # where sock is bound (the server's, shared: less memory)
         self.log = log  # has add_failure(message)
         self.verbose = verbose
         self.max_connections = max_connections
@@ -144,6 +148,11 @@ class Acceptor(abc.ABC):
     @abc.abstractmethod
     def _start(self, sock: socket.socket, peer: object) -> None:
         """Start a connection on the accepted ``sock``; a failure must cost only it."""
+
+    @property
+    def name(self) -> str:
+        """``host:port`` or the socket's path."""
+        return format_address(self._address)
 
     @property
     def tracing(self) -> bool:

@@ -80,8 +80,15 @@ class Listener(Acceptor):
         timeout: float | None,
         max_connections: int | None,
         tls_context: ssl.SSLContext | None = None,
+        address: object = None,
     ) -> None:
-        super().__init__(sock, log, verbose=verbose, max_connections=max_connections)
+        super().__init__(
+            sock,
+            log,
+            address=sock.getsockname() if address is None else address,
+            verbose=verbose,
+            max_connections=max_connections,
+        )
         self.tls_context = tls_context
         self.scripts = scripts
         self.timeout = timeout

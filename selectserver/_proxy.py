@@ -630,8 +630,15 @@ class ProxyListener(Acceptor):
         timeout: float | None,
         on_upstream_error: str,
         verbose: bool,
+        address: object = None,
     ) -> None:
-        super().__init__(sock, log, verbose=verbose, max_connections=None)
+        super().__init__(
+            sock,
+            log,
+            address=sock.getsockname() if address is None else address,
+            verbose=verbose,
+            max_connections=None,
+        )
         self.targets = targets
         self.upstream_name = upstream_name
         self.timeout = timeout
@@ -774,6 +781,7 @@ class FaultProxy(_Served):
         listener = ProxyListener(
             sock,
             self._log,
+            address=self._sock_name,
             targets=targets,
             upstream_name=upstream_name,
             timeout=timeout,

@@ -68,7 +68,10 @@ class ServerHandle(Protocol):
     """What the reactor needs of a server (a ``Listener``)."""
 
     closed: Latch | None  # made by a closer before it asks for the removal
-    name: str
+
+    @property
+    def name(self) -> str:
+        """How events and errors name the server."""
 
     @property
     def connections(self) -> Collection[object]:

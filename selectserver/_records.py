@@ -326,8 +326,10 @@ class ServerLog:
         self.max_receive = max_receive
         self.received: list[bytes] = []
         self.connections: list[ConnectionRecord] = []
-        self.failures: list[str] = []
-        self._ended: list[ConnectionRecord] = []  # in the order they ended
+        # Made by the reactor thread when first needed (most servers never fail, many are
+        # closed without waiting): a test thread only reads them.
+        self.failures: list[str] | None = None
+        self._ended: list[ConnectionRecord] | None = None  # in the order they ended
         # Made by the first waiter: most servers are never waited on.
         self._signal: Signal | None = None
         self._extra_on_received = on_received
@@ -348,6 +350,8 @@ class ServerLog:
 
     def add_failure(self, message: str) -> None:
         """Something went wrong outside any one connection (or killed one: see ``check``)."""
+        if self.failures is None:
+            self.failures = []
         self.failures.append(message)
         self._wake()
 
@@ -370,6 +374,8 @@ class ServerLog:
             self._extra_on_received(data)
 
     def _end(self, record: ConnectionRecord) -> None:
+        if self._ended is None:
+            self._ended = []
         self._ended.append(record)
         self._wake()
         if self._extra_on_end is not None:
@@ -383,22 +389,28 @@ class ServerLog:
         connections never arrived.
         """
         _check_wait("wait_for_connections", n, timeout)
-        if not self._waitable().wait(lambda: len(self._ended) >= n, timeout):
+        if not self._waitable().wait(lambda: self.ended_count >= n, timeout):
             raise TimeoutError(self._describe_wait(n, timeout))
-        return self._ended[:n]
+        return (self._ended or [])[:n]
 
     async def wait_for_connections_async(
         self, n: int, timeout: float | None
     ) -> list[ConnectionRecord]:
         """:meth:`wait_for_connections` for a coroutine: the event loop runs meanwhile."""
         _check_wait("wait_for_connections_async", n, timeout)
-        if not await self._waitable().wait_async(lambda: len(self._ended) >= n, timeout):
+        if not await self._waitable().wait_async(lambda: self.ended_count >= n, timeout):
             raise TimeoutError(self._describe_wait(n, timeout))
-        return self._ended[:n]
+        return (self._ended or [])[:n]
+
+    @property
+    def ended_count(self) -> int:
+        """How many connections have ended."""
+        ended = self._ended
+        return 0 if ended is None else len(ended)
 
     def _describe_wait(self, n: int, timeout: float | None) -> str:
         lines = [
-            f"{len(self._ended)} of {n} connections ended within {timeout} s "
+            f"{self.ended_count} of {n} connections ended within {timeout} s "
             f"({len(self.connections)} accepted)"
         ]
         lines += [
@@ -416,7 +428,7 @@ class ServerLog:
 
     def check(self) -> None:
         """Raise ``AssertionError`` listing every failure; silent when all is well."""
-        problems = list(self.failures)
+        problems = list(self.failures or ())
         problems += [
             f"connection {record.index} from {_format_peer(record.peer)}: {record.failure}"
             for record in list(self.connections)

@@ -419,6 +419,8 @@ class SendStep:
     raw: bool = False  # SendRaw: written beneath TLS
 
 
+_RECEIVE_STEP = ReadStep("RECEIVE", min_bytes=1)  # one for every script: steps are frozen
+
 Step = Union[ReadStep, SendStep, Delay, Throttle, StartTLS, Command, Reply, Repeat, Gate]
 _EXPECTED = (
     "expected RECEIVE, an int > 0, str/bytes, or a step "
@@ -492,7 +494,7 @@ def _match_width(regex: re.Pattern[bytes]) -> int | None:
 def _compile_step(value: object) -> Step:
     if isinstance(value, Command):
         if value is Command.RECEIVE:
-            return ReadStep("RECEIVE", min_bytes=1)
+            return _RECEIVE_STEP
         return value
     if isinstance(value, bool):
         raise TypeError(_EXPECTED)
@@ -538,7 +540,7 @@ def _expand(step: Step) -> tuple[Step, ...]:
     """A failing StartTLS is plain I/O on the ClientHello; anything else is itself."""
     if not isinstance(step, StartTLS) or step.fail is None:
         return (step,)
-    read_hello = ReadStep("RECEIVE", min_bytes=1)
+    read_hello = _RECEIVE_STEP
     if step.fail == "hangup":
         return (read_hello, Command.HANGUP)
     if step.fail == "reset":

@@ -426,6 +426,7 @@ class CommandServer(_Served):
             sock,
             compiled,
             self._log,
+            address=self._sock_name,
             verbose=bool(verbose),
             timeout=timeout,
             max_connections=max_connections,
