@@ -17,6 +17,7 @@ Every user step compiles to one of five shapes, so the step machine has one path
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
 import math
@@ -218,7 +219,7 @@ class Expect:
         object.__setattr__(self, "regex", regex)
 
 
-class ReceiveCondition:
+class ReceiveCondition(abc.ABC):
     """Base of receive steps whose condition is code: subclass it and define :meth:`frame`.
 
     ``selectserver.http.ReadRequest`` is one. The subclass should be a frozen dataclass (its
@@ -227,6 +228,7 @@ class ReceiveCondition:
 
     __slots__ = ()
 
+    @abc.abstractmethod
     def frame(self, buffer: bytearray) -> int:
         """Where the first whole unit in ``buffer`` ends, or -1 if it has not all arrived.
 
@@ -234,7 +236,6 @@ class ReceiveCondition:
             ValueError: ``buffer`` can never hold a valid unit; the message says why, and the
                 connection fails with it.
         """
-        raise NotImplementedError
 
 
 @dataclass(frozen=True, slots=True)
