@@ -1,9 +1,11 @@
 """FaultProxy: the pure fault policy on an injected clock, then real clients through real proxies
 to real upstreams (http.server, CommandServer plain and TLS, redis-server when installed).
 
-Nothing sleeps to synchronise: tests read to EOF, wait for records or gates, or poll a
-condition in a loop bounded in count and time (``wait_until``). Hostile tests also check a
-canary: an unrelated server on the same reactor still answers within a second.
+Nothing sleeps to synchronise: tests read to EOF, wait for records, gates or an upstream's own
+events, and read the proxy's state only after an operation that guarantees it (``settle``: the
+reactor ran a whole pass after what the proxy had to read). Only redis-server's start-up is
+polled (bounded): a subprocess's readiness has no event. Hostile tests also check a canary: an
+unrelated server on the same reactor still answers within a second.
 """
 
 from __future__ import annotations
@@ -77,16 +79,18 @@ LINGER_ZERO = struct.pack("ii", 1, 0)
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
-    """Poll ``condition`` (bounded in time) until it holds."""
-    deadline = time.monotonic() + timeout
-    for _ in range(100_000):
-        if condition():
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.002)
-    raise AssertionError(f"not within {timeout} s: {what or condition}")
+def settle(proxy: FaultProxy, passes: int = 2, timeout: float = 5.0) -> None:
+    """Return once ``proxy``'s reactor has run ``passes`` more passes of its loop.
+
+    A command runs at the end of a pass, so the pass after the first barrier selected after
+    this call: the proxy has read what its sockets held when it was made (on loopback, bytes
+    are readable once the peer's ``send()`` returned) and updated its records.
+    """
+    reactor = proxy._reactor
+    for _ in range(passes):
+        done = threading.Event()
+        assert reactor.submit(done.set), f"{reactor!r} has stopped"
+        assert done.wait(timeout), f"no pass within {timeout} s: {reactor.doing()}"
 
 
 def canary_answers() -> None:
@@ -411,6 +415,14 @@ def test_script_counts_bytes_by_position_and_joins_reply_runs() -> None:
 class _Web(http.server.ThreadingHTTPServer):
     daemon_threads = True
     hits: list[str]
+    answered: list[str]  # the paths whose answer was written in full
+    changed: threading.Condition
+
+    def wait_answered(self, path: str, timeout: float = 5.0) -> None:
+        """Block until a request for ``path`` has been answered (its bytes are sent)."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: path in self.answered, timeout):
+                raise AssertionError(f"{path} was not answered within {timeout} s")
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a reset from a fault is expected here: no traceback on stderr
@@ -427,6 +439,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+        web = cast(_Web, self.server)
+        with web.changed:
+            web.answered.append(self.path)
+            web.changed.notify_all()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -437,6 +453,8 @@ def web() -> Iterator[_Web]:
     """A stdlib ThreadingHTTPServer in a thread: GET /bytes/N answers N bytes, else hello."""
     server = _Web(("127.0.0.1", 0), _Handler)
     server.hits = []
+    server.answered = []
+    server.changed = threading.Condition()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
@@ -502,17 +520,17 @@ def redis_address() -> Iterator[tuple[str, int]]:
 
 
 def _answers_ping(address: tuple[str, int], process: subprocess.Popen[bytes]) -> bool:
+    """Whether redis-server answers PING within 10 s. Polled (a subprocess's readiness has no
+    event), bounded in count and in time: each try takes at most 2 s."""
     deadline = time.monotonic() + 10
     for _ in range(1000):
         if process.poll() is not None or time.monotonic() > deadline:
             return False
-        try:
-            with socket.create_connection(address, timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(64) == b"+PONG\r\n":
-                    return True
-        except OSError:
-            time.sleep(0.01)
+        with contextlib.suppress(OSError), socket.create_connection(address, timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            if sock.recv(64) == b"+PONG\r\n":
+                return True
+        time.sleep(0.01)  # not ready yet (refused, or loading)
     return False
 
 
@@ -758,11 +776,14 @@ def test_an_idle_connection_times_out() -> None:
 
 
 def test_close_ends_live_connections() -> None:
-    with CommandServer([RECEIVE, STALL], verbose=False) as server:
+    with CommandServer([RECEIVE, Gate("received"), STALL], verbose=False) as server:
         proxy = FaultProxy(server.address, verbose=False)
         with connect(proxy.address) as sock:
             sock.sendall(b"hi")
-            wait_until(lambda: proxy.connections and proxy.connections[0].passed_upstream == 2)
+            server.gate("received").wait().resume()  # the proxy passed "hi" on: it is live
+            # Same reactor: the proxy's pass that sent "hi" updated its record before the
+            # server's read.
+            assert proxy.connections[0].passed_upstream == 2
             proxy.close()
             assert read_to_eof(sock) == b""
         proxy.close()  # idempotent
@@ -842,10 +863,12 @@ def test_timeout_downstream_is_a_read_timeout(web: _Web, web_proxy: FaultProxy) 
     hits = len(web.hits)
     web_proxy.add(Timeout())
     with pytest.raises(requests.exceptions.ReadTimeout):
-        requests.get(f"{web_proxy.url}/", timeout=0.5)
+        requests.get(f"{web_proxy.url}/timeout-downstream", timeout=0.5)
+    web.wait_answered("/timeout-downstream")
+    settle(web_proxy)  # the proxy has read the answer
     assert len(web.hits) == hits + 1  # the server answered; the answer was dropped
     record = web_proxy.connections[0]
-    wait_until(lambda: record.dropped > 0, what="the answer was dropped")
+    assert record.dropped > 0
     assert record.passed_downstream == 0
     assert not record.ended  # the server's EOF waits for the Timeout's removal too
 
@@ -870,16 +893,15 @@ def test_timeout_with_seconds_closes_the_connection(web_proxy: FaultProxy) -> No
 
 def test_removing_a_timeout_resumes_the_flow() -> None:
     with (
-        CommandServer([RECEIVE, "lost", RECEIVE, "found"], verbose=False) as server,
+        CommandServer([RECEIVE, "lost", Gate("sent"), RECEIVE, "found"], verbose=False) as server,
         FaultProxy(server.address, verbose=False) as proxy,
     ):
         handle = proxy.add(Timeout())
         with connect(proxy.address) as sock:
             sock.sendall(b"1")
-            wait_until(
-                lambda: proxy.connections and proxy.connections[0].dropped == 4,
-                what="the reply was dropped",
-            )
+            server.gate("sent").wait().resume()  # the server sent "lost"
+            settle(proxy)  # the proxy has read it
+            assert proxy.connections[0].dropped == 4  # the reply was dropped
             proxy.remove(handle)
             sock.sendall(b"2")
             assert read_to_eof(sock) == b"found"
@@ -936,16 +958,18 @@ def test_reset_peer_upstream_before_the_server_saw_anything(
     assert len(web.hits) == hits
 
 
-def test_hold_then_release(web_proxy: FaultProxy) -> None:
+def test_hold_then_release(web: _Web, web_proxy: FaultProxy) -> None:
     handle = web_proxy.add(Hold())
     result: list[requests.Response] = []
     thread = threading.Thread(
-        target=lambda: result.append(requests.get(f"{web_proxy.url}/", timeout=5))
+        target=lambda: result.append(requests.get(f"{web_proxy.url}/hold", timeout=5))
     )
     thread.start()
     try:
-        wait_until(lambda: web_proxy.connections and web_proxy.connections[0].downstream)
+        web.wait_answered("/hold")
+        settle(web_proxy)  # the proxy has read the answer
         record = web_proxy.connections[0]
+        assert record.downstream  # held, not passed
         assert record.passed_downstream == 0
         assert not result
         web_proxy.remove(handle)
@@ -1235,38 +1259,51 @@ def test_an_incomplete_record_cannot_become_a_script() -> None:
 # ---- hostile -----------------------------------------------------------------------------------
 
 
+def send_until_refused(
+    sock: socket.socket, proxy: FaultProxy, piece: memoryview, total: int
+) -> int:
+    """Send ``piece`` after ``piece`` on ``sock`` (made non-blocking) until a whole pass of
+    ``proxy``'s reactor makes no room for one more byte: the proxy has stopped reading. Returns
+    the bytes sent. Each round sends something, and the buffers in between hold less than
+    ``total``: the loop ends."""
+    sock.setblocking(False)
+    sent = 0
+    for _ in range(total):
+        with contextlib.suppress(BlockingIOError):
+            while sent < total:
+                sent += sock.send(piece[: total - sent])
+        assert sent < total, "everything fit in the buffers: flood with more"
+        settle(proxy)  # the proxy had a whole pass to read what the client sent
+        try:
+            sent += sock.send(piece[: total - sent])
+        except BlockingIOError:
+            return sent
+    raise AssertionError("the client never stopped sending")
+
+
 def test_a_client_flooding_a_slow_server_keeps_memory_bounded() -> None:
     total = 50 * MiB
-    piece = bytes(MiB)
+    piece = memoryview(bytes(MiB))
     with (
         CommandServer([Gate("go"), total, "done"], verbose=False, max_receive=0) as server,
         FaultProxy(server.address, verbose=False, max_record=0) as proxy,
     ):
-        result: list[bytes] = []
-
-        def flood() -> None:
-            with connect(proxy.address, timeout=30) as sock:
-                for _ in range(total // MiB):
-                    sock.sendall(piece)
-                result.append(read_to_eof(sock))
-
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        thread = threading.Thread(target=flood)
-        thread.start()
-        try:
+        with connect(proxy.address, timeout=30) as sock:
             parked = server.gate("go").wait(5)  # the server reads nothing until resumed
-            wait_until(
-                lambda: proxy.connections[0].peak_buffered >= MAX_BUFFERED,
-                what="the proxy filled its buffer",
-            )
+            sent = send_until_refused(sock, proxy, piece, total)
+            # The proxy read nothing in a whole pass: it stopped reading, its buffer is full.
+            assert proxy.connections[0].peak_buffered >= MAX_BUFFERED
             canary_answers()
             parked.resume()
-        finally:
-            thread.join(60)
+            sock.settimeout(30)
+            while sent < total:
+                sent += sock.send(piece[: total - sent])
+            result = read_to_eof(sock)
         grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
         (record,) = proxy.wait_for_connections(1, timeout=10)
         proxy.check()
-    assert result == [b"done"]
+    assert result == b"done"
     assert record.passed_upstream == total
     assert record.peak_buffered <= MAX_BUFFERED + READ_SIZE < MiB
     assert grown_mib < 40, f"the process grew by {grown_mib:.0f} MiB"
@@ -1330,7 +1367,8 @@ def test_both_sides_resetting_at_once() -> None:
         server.wait_for_connections(count, timeout=10)
         proxy.check()
         canary_answers()
-        wait_until(lambda: not proxy._listener.connections, what="every connection forgotten")
+        settle(proxy, passes=1)  # the passes that ended the records forgot their connections
+        assert not proxy._listener.connections  # every connection forgotten
     assert {record.outcome for record in records} <= {Outcome.PEER_RESET}
     assert all("reset" in f"{r.client_end} {r.server_end}" for r in records)
 
