@@ -18,8 +18,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from ._connection import format_address
@@ -288,36 +287,73 @@ class _Record(Protocol):
 _R = TypeVar("_R", bound=_Record)
 
 
+class _Stop:
+    """Ctrl-C and SIGTERM, made to stop a command only while it waits, never halfway through
+    printing a transcript: inside ``with``, each sets :attr:`requested`, and raises
+    ``KeyboardInterrupt`` if :attr:`waiting`. Handlers are set in the main thread only, and not
+    for a signal that is ignored (a background job's SIGINT)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.waiting = False
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        if self.waiting:
+            self.waiting = False  # one interrupt per wait
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _Stop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+
+
 def _print_transcripts(
-    wait: Callable[[int], Sequence[_R]],
+    wait: Callable[[int, float | None], Sequence[_R]],
     describe: Callable[[_R], str],
     printed: set[int],
     limit: int | None,
+    stop: _Stop,
 ) -> None:
-    """Print each connection's transcript as it ends until ``limit`` have (None: forever);
-    ``wait(n)`` blocks until ``n`` have ended. ``printed`` collects their indices."""
-    while limit is None or len(printed) < limit:
-        for record in wait(len(printed) + 1):
+    """Print each connection's transcript as it ends, until ``limit`` have (None: no limit).
+
+    ``wait(n, timeout)`` blocks until ``n`` connections have ended and returns them.
+    ``printed`` collects the indices printed. When ``stop`` is requested, it prints the
+    connections that have ended, then raises ``KeyboardInterrupt``.
+    """
+
+    def show(records: Sequence[_R]) -> None:
+        for record in records:
             if record.index not in printed:
                 printed.add(record.index)
                 print(describe(record), flush=True)
 
-
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """Inside, SIGTERM raises KeyboardInterrupt as Ctrl-C does (in the main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    while limit is None or len(printed) < limit:
+        records: Sequence[_R] = ()
+        stop.waiting = True
+        try:
+            if not stop.requested:
+                records = wait(len(printed) + 1, None)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop.waiting = False
+        show(records)
+        if stop.requested:
+            while limit is None or len(printed) < limit:
+                try:
+                    show(wait(len(printed) + 1, 0.0))
+                except TimeoutError:
+                    break
+            raise KeyboardInterrupt
 
 
 def _error(message: object) -> int:
@@ -325,18 +361,19 @@ def _error(message: object) -> int:
     return 2
 
 
-def _run_server(server: CommandServer, once: bool) -> int:
-    """Print transcripts until one connection (``once``) or Ctrl-C/SIGTERM; close ``server``.
-
-    Returns 1 if a connection failed, else 0.
-    """
+def _run_server(server: CommandServer, once: bool, banner: list[str]) -> int:
+    """Print ``banner``, then transcripts until one connection (``once``) or Ctrl-C/SIGTERM;
+    close ``server``. Returns 1 if a connection failed, else 0."""
     try:
-        with server, _sigterm_interrupts():
+        with server, _Stop() as stop:
+            for line in banner:
+                print(line, flush=True)
             _print_transcripts(
-                lambda n: server.wait_for_connections(n, timeout=None),
+                lambda n, timeout: server.wait_for_connections(n, timeout),
                 format_transcript,
                 set(),
                 1 if once else None,
+                stop,
             )
     except KeyboardInterrupt:
         print("selectserver: stopped", flush=True)
@@ -363,14 +400,13 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
     except (TypeError, ValueError, OSError, ImportError) as exc:
         return _error(exc)
-    print(f"selectserver: serving on {server.url} (Ctrl-C to stop)", flush=True)
+    banner = [f"selectserver: serving on {server.url} (Ctrl-C to stop)"]
     if server.ca_path is not None:
-        print(
+        banner.append(
             f"selectserver: CA certificate: {server.ca_path} "
-            f"(e.g. curl --cacert {server.ca_path} {server.url}/)",
-            flush=True,
+            f"(e.g. curl --cacert {server.ca_path} {server.url}/)"
         )
-    return _run_server(server, args.once)
+    return _run_server(server, args.once, banner)
 
 
 def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -392,13 +428,12 @@ def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
     except (TypeError, ValueError, OSError) as exc:
         return _error(exc)
-    print(f"selectserver: serving on {server.url} (Ctrl-C to stop)", flush=True)
-    print(
+    banner = [
+        f"selectserver: serving on {server.url} (Ctrl-C to stop)",
         f"selectserver: replaying the {len(scripts)} connection(s) recorded in {path} "
         "(later connections replay the last)",
-        flush=True,
-    )
-    return _run_server(server, args.once)
+    ]
+    return _run_server(server, args.once, banner)
 
 
 def _check_writable(path: str) -> None:
@@ -432,7 +467,7 @@ def _proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     printed: set[int] = set()
     with proxy:
         try:
-            with _sigterm_interrupts():
+            with _Stop() as stop:
                 for fault in faults:  # before the address is printed: every client gets them
                     proxy.add(fault)
                 print(
@@ -441,10 +476,11 @@ def _proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     flush=True,
                 )
                 _print_transcripts(
-                    lambda n: proxy.wait_for_connections(n, timeout=None),
+                    lambda n, timeout: proxy.wait_for_connections(n, timeout),
                     format_proxy_transcript,
                     printed,
                     None,
+                    stop,
                 )
         except KeyboardInterrupt:
             pass

@@ -1,4 +1,5 @@
-"""The command line: ``python -m selectserver serve`` as a real subprocess, and its parsing."""
+"""The command line: ``python -m selectserver serve``, ``proxy`` and ``replay`` as real
+subprocesses, and their parsing."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import os
 import re
 import select
 import shutil
+import signal
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import exchange
+from conftest import HAS_IPV6, connect, exchange, read_exactly
 
 from selectserver import (
     HALF_CLOSE,
@@ -31,7 +35,16 @@ from selectserver import (
     Outcome,
     ReadUntil,
 )
-from selectserver.__main__ import format_transcript, load_script, main, parse_step
+from selectserver.__main__ import (
+    format_proxy_transcript,
+    format_transcript,
+    load_script,
+    main,
+    parse_step,
+    parse_upstream,
+)
+from selectserver._faults import Bandwidth, Latency, ResetPeer
+from selectserver._recording import ProxyRecord, load_recording
 
 #: Seconds any subprocess may take to print its address or to finish.
 PROCESS_TIMEOUT = 20.0
@@ -294,3 +307,347 @@ def test_transcript_previews_long_payloads_and_bounds_steps() -> None:
     assert "  <- ... 10 more steps, 10000 bytes" in lines
     assert lines[-2] == f"  -> {b'y' * 200!r}... (5000 bytes)"
     assert lines[-1] == "  FAILED: step 30 (RECEIVE): timed out"
+
+
+# ---- proxy and replay ------------------------------------------------------------------------
+
+
+@contextmanager
+def running(
+    argv: list[str], pattern: str
+) -> Iterator[tuple[subprocess.Popen[str], tuple[str, int]]]:
+    """Run ``selectserver ARGV...``; yield it and the address its first line gives (``pattern``
+    matches the host and port in it). It is killed on exit if it still runs."""
+    argv = [sys.executable, "-m", "selectserver", *argv]
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT prints every thread's stack
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as proc:
+        try:
+            line = read_line(proc)
+            found = re.search(pattern, line)
+            assert found, line
+            yield proc, (found[1].strip("[]"), int(found[2]))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+_PROXYING = r"^selectserver: proxying (\S+):(\d+) -> "
+_SERVING = r"^selectserver: serving on http://([\d.]+):(\d+) "
+
+
+@contextmanager
+def proxying(upstream: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], tuple[str, int]]]:
+    """Run ``proxy UPSTREAM ARG...``; yield the process and the address it listens on."""
+    with running(["proxy", upstream, "--port", "0", *args], _PROXYING) as started:
+        yield started
+
+
+def stop(proc: subprocess.Popen[str], signum: int = signal.SIGINT) -> tuple[str, str]:
+    """Send ``signum``; what the process prints to stdout and stderr until it exits."""
+    proc.send_signal(signum)
+    try:
+        return proc.communicate(timeout=PROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=PROCESS_TIMEOUT)
+        raise AssertionError(
+            f"still running {PROCESS_TIMEOUT} s after {signum}:\n{out}{err}"
+        ) from None
+
+
+def read_until(proc: subprocess.Popen[str], prefix: str) -> list[str]:
+    """The lines the process prints up to and with the first that starts with ``prefix``."""
+    lines = [read_line(proc)]
+    while not lines[-1].startswith(prefix):
+        lines.append(read_line(proc))
+    return lines
+
+
+@pytest.fixture
+def pong() -> Iterator[CommandServer]:
+    """The upstream of the proxy tests: reads what arrives, answers ``pong``, hangs up."""
+    with CommandServer([RECEIVE, "pong"], verbose=False) as server:
+        yield server
+
+
+def test_proxy_relays_to_its_upstream_and_prints_transcripts(pong: CommandServer) -> None:
+    upstream = f"127.0.0.1:{pong.port}"
+    with proxying(upstream) as (proc, address):
+        assert exchange(address, b"ping") == b"pong"
+        transcript = read_until(proc, "  server -> client")  # the connection has ended
+        out, err = stop(proc)
+    assert proc.returncode == 0, err
+    assert re.match(r"connection 0 from 127\.0\.0\.1:\d+: completed$", transcript[0])
+    assert transcript[1:] == [
+        "  client -> server: 4 bytes, then eof: b'ping'\n",
+        "  server -> client: 4 bytes, then eof: b'pong'\n",
+    ]
+    assert out.endswith("selectserver: stopped\n")
+    assert pong.received == [b"ping"]
+
+
+@pytest.mark.parametrize("family", ["ipv6", "unix"])
+def test_proxy_upstream_ipv6_and_unix_socket(family: str, tmp_path: Path) -> None:
+    if family == "ipv6":
+        if not HAS_IPV6:
+            pytest.skip("no IPv6 loopback")
+        server = CommandServer([RECEIVE, "pong"], "::1", verbose=False)
+        upstream = f"[::1]:{server.port}"
+    else:
+        if not hasattr(socket, "AF_UNIX"):
+            pytest.skip("no Unix-domain sockets")
+        server = CommandServer([RECEIVE, "pong"], verbose=False, path=str(tmp_path / "up.sock"))
+        upstream = str(tmp_path / "up.sock")
+    with server, proxying(upstream) as (proc, address):
+        assert exchange(address, b"ping") == b"pong"
+        _, err = stop(proc)
+        assert server.received == [b"ping"]
+    assert proc.returncode == 0, err
+
+
+def test_proxy_prints_its_ipv6_address_in_brackets(pong: CommandServer) -> None:
+    if not HAS_IPV6:
+        pytest.skip("no IPv6 loopback")
+    with proxying(f"127.0.0.1:{pong.port}", "--host", "::1") as (proc, address):
+        assert address[0] == "::1"
+        assert exchange(address, b"ping") == b"pong"
+        stop(proc)
+    assert proc.returncode == 0
+
+
+def test_proxy_latency_delays_the_reply(pong: CommandServer) -> None:
+    with proxying(f"127.0.0.1:{pong.port}", "--latency", "0.2") as (proc, address):
+        started = time.monotonic()
+        assert exchange(address, b"ping") == b"pong"
+        assert time.monotonic() - started >= 0.2
+        out, err = stop(proc)
+    assert proc.returncode == 0, err
+    assert f"  faults: {Latency(0.2)!r}\n" in out
+
+
+def test_proxy_reset_after_0_resets_the_client(pong: CommandServer) -> None:
+    with proxying(f"127.0.0.1:{pong.port}", "--reset-after", "0") as (proc, address):
+        with connect(address) as sock:
+            sock.sendall(b"ping")
+            try:
+                assert sock.recv(100) == b""  # a reset can reach the client as an EOF
+            except ConnectionResetError:
+                pass
+        transcript = read_until(proc, "  faults: ")
+        _, err = stop(proc)
+    assert proc.returncode == 0, err
+    assert re.match(r"connection 0 from 127\.0\.0\.1:\d+: reset$", transcript[0]), transcript
+    assert "  server -> client: 4 bytes (0 passed on), then reset by proxy: b'pong'\n" in transcript
+    assert transcript[-1] == f"  faults: {ResetPeer(0)!r}\n"
+
+
+def test_proxy_fault_options_compose_in_the_direction_given(pong: CommandServer) -> None:
+    args = ["--latency", "0", "--jitter", "0.01", "--bandwidth", "1e6", "--direction", "both"]
+    with proxying(f"127.0.0.1:{pong.port}", *args) as (proc, address):
+        assert exchange(address, b"ping") == b"pong"
+        transcript = read_until(proc, "  faults: ")
+        stop(proc)
+    assert proc.returncode == 0
+    faults = [Latency(0.0, jitter=0.01, direction="both"), Bandwidth(1e6, direction="both")]
+    assert transcript[-1] == f"  faults: {', '.join(map(repr, faults))}\n"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_proxy_record_saves_on_stop_and_replay_serves_it(
+    signum: int, pong: CommandServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "rec.json"
+    with proxying(f"127.0.0.1:{pong.port}", "--record", str(path)) as (proc, address):
+        assert exchange(address, b"ping") == b"pong"
+        read_until(proc, "  server -> client")
+        assert not path.exists()
+        out, err = stop(proc, signum)
+    assert proc.returncode == 0, err
+    assert f"selectserver: saved 1 connection(s) to {path}\n" in out
+    assert load_recording(path) == [[4, b"pong", HANGUP]]
+    with running(["replay", str(path), "--port", "0", "--once"], _SERVING) as (proc, address):
+        assert read_line(proc) == (
+            f"selectserver: replaying the 1 connection(s) recorded in {path} "
+            "(later connections replay the last)\n"
+        )
+        assert exchange(address, b"ping") == b"pong"
+        out, err = proc.communicate(timeout=PROCESS_TIMEOUT)
+    assert proc.returncode == 0, err
+    assert re.search(r"^connection 0 from 127\.0\.0\.1:\d+: hung up$", out, re.M), out
+    assert "  <- b'ping'\n  -> b'pong'\n" in out
+
+
+def test_proxy_record_saves_live_connections_closed(tmp_path: Path) -> None:
+    path = tmp_path / "rec.json"
+    with (
+        CommandServer([RECEIVE, "pong", RECEIVE], verbose=False) as upstream,
+        proxying(f"127.0.0.1:{upstream.port}", "--record", str(path)) as (proc, address),
+        connect(address) as sock,
+    ):
+        sock.sendall(b"pi")
+        assert read_exactly(sock, 4) == b"pong"  # both ways passed; both sides still open
+        out, err = stop(proc)
+    assert proc.returncode == 0, err
+    assert "  server -> client: 4 bytes, then closed by proxy: b'pong'\n" in out
+    assert "  ended: the proxy was closed\n" in out
+    assert load_recording(path) == [[2, b"pong", HANGUP]]
+
+
+def test_replay_serves_the_recorded_connections_in_turn(tmp_path: Path) -> None:
+    path = tmp_path / "rec.json"
+    connections = [
+        {"index": k, "server_end": "eof", "unrecorded": 0, "upstream": up, "downstream": down}
+        for k, (up, down) in enumerate(
+            [
+                ([{"at": 0.1, "data": "one"}], [{"at": 0.2, "data": "1"}]),
+                ([{"at": 0.1, "data": "two"}], [{"at": 0.2, "data": "2"}]),
+            ]
+        )
+    ]
+    document = {"format": "selectserver-recording", "version": 1, "connections": connections}
+    path.write_text(json.dumps(document))
+    with running(["replay", str(path), "--port", "0"], _SERVING) as (proc, address):
+        assert [exchange(address, m) for m in (b"one", b"two", b"two")] == [b"1", b"2", b"2"]
+        out, err = stop(proc)
+    assert proc.returncode == 0, err
+    assert out.endswith("selectserver: stopped\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "upstream"),
+    [
+        ("127.0.0.1:6379", ("127.0.0.1", 6379)),
+        ("localhost:1", ("localhost", 1)),
+        ("[::1]:6379", ("::1", 6379)),
+        ("[fe80::1%eth0]:65535", ("fe80::1%eth0", 65535)),
+        ("/run/redis.sock", "/run/redis.sock"),
+        ("./a:1", "./a:1"),
+    ],
+)
+def test_parse_upstream(text: str, upstream: object) -> None:
+    assert parse_upstream(text) == upstream
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["proxy"], "the following arguments are required: UPSTREAM"),
+        (["proxy", "localhost"], "'localhost': expected HOST:PORT, [IPv6]:PORT or a Unix socket"),
+        (["proxy", ":80"], "expected HOST:PORT"),
+        (["proxy", "[::1]"], "expected HOST:PORT"),
+        (["proxy", "::1:6379"], "write an IPv6 address in brackets, e.g. [::1]:6379"),
+        (["proxy", "h:0"], "the port must be 1 to 65535, got '0'"),
+        (["proxy", "h:http"], "the port must be 1 to 65535"),
+        (["proxy", "h:1", "--latency", "-1"], "argument --latency: expected a finite number >= 0"),
+        (["proxy", "h:1", "--latency", "nan"], "argument --latency: expected a finite number"),
+        (["proxy", "h:1", "--latency", "soon"], "argument --latency: expected a number"),
+        (["proxy", "h:1", "--jitter", "0.1"], "--jitter needs --latency"),
+        (
+            ["proxy", "h:1", "--bandwidth", "0"],
+            "argument --bandwidth: expected a finite number > 0",
+        ),
+        (["proxy", "h:1", "--reset-after", "-1"], "argument --reset-after: expected an integer"),
+        (["proxy", "h:1", "--direction", "sideways"], "argument --direction: invalid choice"),
+        (["proxy", "127.0.0.1:1", "--timeout", "0"], "timeout must be finite and > 0"),
+        (["proxy", "127.0.0.1:1", "--port", "70000"], "port"),
+        (["replay"], "the following arguments are required: FILE"),
+    ],
+)
+def test_bad_proxy_and_replay_arguments_exit_2_with_a_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's errors, with the subcommand's usage
+        code, start = exc.code, f"usage: selectserver {argv[0]} "  # type: ignore[assignment]
+    else:  # the proxy's own checks
+        start = "selectserver: error: "
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(start)
+    assert message in err
+
+
+@pytest.mark.parametrize("where", ["no/such/dir/rec.json", "."])
+def test_proxy_record_to_an_unwritable_place_exits_2_at_once(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / where
+    assert main(["proxy", "127.0.0.1:1", "--record", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"selectserver: error: --record {path}: ")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "[Errno 2] No such file or directory"),
+        ("{not json", "not JSON: "),
+        (b"\xff\xfe", "codec can't decode"),
+        ('["RECEIVE"]', "not a selectserver-recording file"),
+        ('{"format": "selectserver-recording", "version": 2}', "version 2 is not supported"),
+        ('{"format": "selectserver-recording", "version": 1, "connections": []}', "no connections"),
+        (
+            '{"format": "selectserver-recording", "version": 1, "connections": [{"upstream": 1}]}',
+            "connections[0].upstream: expected a list of chunks",
+        ),
+    ],
+)
+def test_bad_replay_file_exits_2_naming_it(
+    content: str | bytes | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "rec.json"
+    if isinstance(content, str):
+        path.write_text(content)
+    elif content is not None:
+        path.write_bytes(content)
+    assert main(["replay", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"selectserver: error: {path}: ")
+    assert message in err
+
+
+def test_proxy_and_replay_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("proxy", "replay"):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("UPSTREAM", "[IPv6]:PORT", "--latency S", "--jitter S", "--bandwidth BPS"):
+        assert option in out
+    for option in ("--reset-after N", "--direction", "--record FILE", "replay FILE"):
+        assert option in out
+
+
+def test_proxy_transcript_shows_both_ways_the_ends_and_the_faults() -> None:
+    record = ProxyRecord(index=2, peer=("::1", 4242, 0, 0))
+    record.add(True, b"x" * 300, record.accepted_at + 0.1)
+    record.add(False, b"pong", record.accepted_at + 0.2)
+    record.passed_upstream, record.passed_downstream = 300, 0
+    record.client_end, record.server_end = "reset by proxy", "eof"
+    record.faults += [Latency(0.5), ResetPeer(0)]
+    record.dropped, record.unrecorded = 4, 7
+    record.end(Outcome.RESET, "ResetPeer(after_bytes=0) reached", record.accepted_at + 0.3)
+    assert format_proxy_transcript(record, limit=10).splitlines() == [
+        "connection 2 from [::1]:4242: reset",
+        f"  client -> server: 300 bytes, then reset by proxy: {b'x' * 10!r}...",
+        "  server -> client: 4 bytes (0 passed on), then eof: b'pong'",
+        f"  faults: {Latency(0.5)!r}, {ResetPeer(0)!r}",
+        "  (4 bytes dropped, 7 bytes not recorded)",
+        "  ended: ResetPeer(after_bytes=0) reached",
+    ]
+    live = ProxyRecord(index=0, peer="/run/app.sock")
+    assert format_proxy_transcript(live).splitlines() == [
+        "connection 0 from /run/app.sock: running",
+        "  client -> server: 0 bytes, then still open",
+        "  server -> client: 0 bytes, then still open",
+    ]
+
+
+def test_serve_stops_on_sigterm_as_on_ctrl_c() -> None:
+    with running(["serve", "--port", "0"], _SERVING) as (proc, _):
+        out, err = stop(proc, signal.SIGTERM)
+    assert proc.returncode == 0, err
+    assert out == "selectserver: stopped\n"
