@@ -234,14 +234,14 @@ class Reactor:
             return
         self._submit(self._stop)
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+            self._thread.join(_bounded(timeout))
             if self._thread.is_alive():
                 raise TimeoutError(f"{self!r} did not stop within {timeout} s: {self.doing()}")
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for a stopping reactor's thread to end (it has closed its sockets by then)."""
         if self._thread.ident is not None and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+            self._thread.join(_bounded(timeout))
 
     def statistics(self) -> ReactorStatistics:
         """What the reactor holds now (read from any thread; approximate while it runs)."""
@@ -514,6 +514,11 @@ class Reactor:
         self._timers.clear()
         self._ready.clear()
         self._release_files()
+
+
+def _bounded(timeout: float | None) -> float | None:
+    """``timeout`` as a lock takes it (longer waits raise OverflowError there)."""
+    return None if timeout is None else min(max(timeout, 0.0), threading.TIMEOUT_MAX)
 
 
 def _release(server: ServerHandle) -> None:
