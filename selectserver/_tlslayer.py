@@ -21,6 +21,7 @@ A failing peer raises ``ssl.SSLError`` from :meth:`handshake` or :meth:`read`.
 from __future__ import annotations
 
 import ssl
+from collections import deque
 
 __all__ = ["TLSLayer"]
 
@@ -39,7 +40,7 @@ class TLSLayer:
         self._object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._eof = False  # the peer's transport closed
         self._shut = False  # close_notify is queued
-        self._early: bytes | ssl.SSLError | None = None  # read before close_notify was sent
+        self._early: deque[bytes | ssl.SSLError] = deque()  # read before close_notify went
 
     @property
     def version(self) -> str | None:
@@ -54,7 +55,7 @@ class TLSLayer:
     @property
     def buffered(self) -> bool:
         """Whether received ciphertext or decrypted plaintext waits to be read."""
-        return self._early is not None or self._incoming.pending > 0 or self._object.pending() > 0
+        return bool(self._early) or self._incoming.pending > 0 or self._object.pending() > 0
 
     def peer_certificate(self) -> dict[str, object] | None:
         """The client's certificate, if it sent one the context verified."""
@@ -86,30 +87,27 @@ class TLSLayer:
         return True
 
     def read(self) -> bytes | None:
-        """Plaintext the received records hold; ``b""`` at the peer's end; None: need more."""
-        early, self._early = self._early, None
-        if isinstance(early, ssl.SSLError):
-            raise early
+        """The plaintext of the next received record; ``b""`` at the peer's end; None: need
+        more ciphertext.
+
+        One record per call, as a socket read of a TLS stream gives: a peer's separate writes
+        stay separate, whatever the TCP segments did with them.
+        """
+        early = self._early
         if early:
-            return early
-        chunks: list[bytes] = []
-        while True:
-            try:
-                chunk = self._object.read(READ_SIZE)
-            except ssl.SSLWantReadError:
-                break
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                chunk = b""
-            if not chunk:
-                if chunks:
-                    break  # the EOF is found again on the next read
-                return b""
-            chunks.append(chunk)
-            if sum(map(len, chunks)) >= READ_SIZE:
-                break
-        if chunks:
-            return b"".join(chunks)
-        return b"" if self._eof else None
+            item = early.popleft()
+            if isinstance(item, ssl.SSLError):
+                raise item
+            return item
+        return self._read_record()
+
+    def _read_record(self) -> bytes | None:
+        try:
+            return self._object.read(READ_SIZE) or b""
+        except ssl.SSLWantReadError:
+            return b"" if self._eof else None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""
 
     def write(self, data: memoryview) -> int:
         """Encrypt ``data`` whole into :meth:`outgoing`; returns its length."""
@@ -123,14 +121,11 @@ class TLSLayer:
         # SSL_shutdown reads what is already received, and fails on application data there
         # (dropping it): read it first, to hand it out after.
         if self._incoming.pending:
-            chunks = []
             try:
-                while chunk := self.read():
-                    chunks.append(chunk)
+                while chunk := self._read_record():
+                    self._early.append(chunk)
             except ssl.SSLError as exc:
-                self._early = exc
-            if chunks:
-                self._early = b"".join(chunks)  # an error, if any, comes with the next read
+                self._early.append(exc)  # raised in its turn
         try:
             self._object.unwrap()
         except ssl.SSLWantReadError:
