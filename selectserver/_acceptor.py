@@ -184,14 +184,20 @@ class Acceptor(abc.ABC):
 
     def on_event(self) -> None:
         """The listening socket is readable: accept what is waiting, a bounded batch at a time."""
-        for _ in range(ACCEPT_BATCH):
+        if self._accept(ACCEPT_BATCH):
+            assert self.reactor is not None
+            self.reactor.call_soon(self)  # more may wait: after the others have had their turn
+
+    def _accept(self, most: int) -> bool:
+        """Accept up to ``most`` connections; True if there may be more waiting."""
+        for _ in range(most):
             sock = self.sock
             if sock is None:
-                return
+                return False
             try:
                 conn, peer = sock.accept()
             except WOULD_BLOCK:
-                return
+                return False
             except OSError as exc:
                 if exc.errno in ACCEPT_TRANSIENT:
                     continue  # that connection failed; the next one may not
@@ -199,13 +205,12 @@ class Acceptor(abc.ABC):
                 # pending connections wait in the backlog.
                 self.event("accept failed (%s); pausing %.2f s", exc, ACCEPT_RETRY_SECONDS)
                 self._pause()
-                return
+                return False
             self._start(conn, peer)
             if self.max_connections is not None and self.accepted >= self.max_connections:
                 self.stop_listening()
-                return
-        assert self.reactor is not None
-        self.reactor.call_soon(self)  # more may wait: after the others have had their turn
+                return False
+        return True
 
     def on_timer(self, now: float, when: float) -> None:
         """Accept again after a pause."""
@@ -294,7 +299,9 @@ class Acceptor(abc.ABC):
         sock = self.sock
         if sock is None:
             return
-        self._accept_backlog(sock)
+        self._accept(socket.SOMAXCONN)
+        if self.sock is None:
+            return  # max_connections reached meanwhile: it stopped listening for good
         self.stop_listening()
         if sock.family != AF_UNIX:
             held = socket.socket(sock.family, socket.SOCK_STREAM)
@@ -315,6 +322,8 @@ class Acceptor(abc.ABC):
         if self.sock is not None:
             return
         held, self._held = self._held, None
+        if held is None and isinstance(self._address, tuple):
+            return  # not down but stopped for good (max_connections, close)
         if held is None:  # a Unix socket: bind its path again
             held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -332,18 +341,6 @@ class Acceptor(abc.ABC):
         self.event("up: listening again")
 
     # ---- internals ----------------------------------------------------------------------------
-
-    def _accept_backlog(self, sock: socket.socket) -> None:
-        for _ in range(socket.SOMAXCONN):
-            try:
-                conn, peer = sock.accept()
-            except WOULD_BLOCK:
-                return
-            except OSError as exc:
-                if exc.errno in ACCEPT_TRANSIENT:
-                    continue
-                return
-            self._start(conn, peer)
 
     def _listen(self, on: bool) -> None:
         mask = READ if on else 0
