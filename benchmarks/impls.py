@@ -13,6 +13,12 @@ left behind). The baselines:
   no records and no script machinery beyond the step list: the pure-Python limit;
 * ``plain``: one blocking socket in one thread per server (used for ``bulk``: the loopback
   limit, a ``sendall`` with nothing around it).
+
+And one that is not a baseline but selectserver again, one hop further away:
+
+* ``proxied``: each selectserver server behind its own ``FaultProxy(..., verbose=False)`` with
+  no fault, both on the default reactor; the clients connect to the proxy. The ``proxy*``
+  scenarios compare it with ``selectserver`` direct.
 """
 
 from __future__ import annotations
@@ -42,7 +48,17 @@ from .common import (
 )
 from .rawselect import RawGroup
 
-__all__ = ["BASELINES", "IMPLEMENTATIONS", "Group", "Impl", "Script", "by_name", "opened"]
+__all__ = [
+    "BASELINES",
+    "DIRECT",
+    "IMPLEMENTATIONS",
+    "PROXIED",
+    "Group",
+    "Impl",
+    "Script",
+    "by_name",
+    "opened",
+]
 
 T = TypeVar("T")
 #: socketserver's poll interval: how long a thread-per-server takes to notice shutdown()
@@ -70,6 +86,38 @@ class _SelectServerGroup:
             server.close()
         for server in self.servers:
             server.check()
+
+
+class _ProxiedGroup:
+    """``n`` selectserver servers, each behind its own fault-free FaultProxy."""
+
+    def __init__(self, script: Script, n: int) -> None:
+        self.upstream = _SelectServerGroup(script, n)
+        self.proxies: list[selectserver.FaultProxy] = []
+        try:
+            for server in self.upstream.servers:
+                self.proxies.append(selectserver.FaultProxy(server.address, verbose=False))
+        except BaseException:
+            self.close()
+            raise
+        self.addresses = [proxy.address for proxy in self.proxies]
+
+    def settle(self) -> None:
+        deadline = time.monotonic() + WAIT_SECONDS
+        wanted = len(self.upstream.servers) + len(self.proxies)
+        while selectserver.statistics().servers < wanted:
+            if time.monotonic() > deadline:
+                raise RuntimeError("selectserver did not attach its servers and proxies in time")
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        try:
+            for proxy in self.proxies:
+                proxy.close()
+        finally:
+            self.upstream.close()
+        for proxy in self.proxies:
+            proxy.check()
 
 
 # ---- threads: socketserver, a thread per server and per connection --------------------------
@@ -253,7 +301,12 @@ IMPLEMENTATIONS: tuple[Impl, ...] = (
     Impl("rawselect", RawGroup),
 )
 BASELINES = ("threads", "asyncio", "rawselect")
-_ALL: dict[str, Impl] = {impl.name: impl for impl in (*IMPLEMENTATIONS, Impl("plain", _PlainGroup))}
+#: the proxy scenarios' pair: selectserver direct, and the same servers behind a FaultProxy
+DIRECT, PROXIED = "selectserver", "proxied"
+_ALL: dict[str, Impl] = {
+    impl.name: impl
+    for impl in (*IMPLEMENTATIONS, Impl("plain", _PlainGroup), Impl(PROXIED, _ProxiedGroup))
+}
 
 
 def by_name(name: str) -> Impl:

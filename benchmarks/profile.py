@@ -2,7 +2,8 @@
 
 It wraps ``Reactor._run`` (at run time, in this process only) so every reactor thread the
 scenario starts runs under one ``cProfile.Profile``, runs the scenario's selectserver side
-``--runs`` times, and prints the top functions. ``--caller`` also profiles the calling thread
+(its subject: ``proxied`` for the ``proxy*`` scenarios) ``--runs`` times, and prints the top
+functions. ``--caller`` also profiles the calling thread
 (where ``CommandServer()`` and ``close()`` spend their time: the bulk of ``spinup``).
 """
 
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for _ in range(args.runs):
                 if args.caller:
                     caller_profile.enable()
-                values = scenario.run(by_name("selectserver"), context)
+                values = scenario.run(by_name(scenario.subject), context)
                 caller_profile.disable()
                 print(f"{scenario.label}: {values}", file=sys.stderr)
     finally:

@@ -1,4 +1,10 @@
-"""Medians, ranges, ratios and targets, as a text table or markdown."""
+"""Medians, ranges, ratios and targets, as a text table or markdown.
+
+Each scenario names its baselines (the ratio columns) and its subject (the row its targets
+judge): selectserver against threads/asyncio/rawselect, or ``proxied`` against ``selectserver``
+direct. The table has one ratio column per baseline of the scenarios shown, in order of first
+use; a row has a ratio only in its own scenario's columns.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .impls import BASELINES
 from .scenarios import Metric, Scenario, Target
 
 __all__ = ["Results", "Row", "markdown", "rows", "target_lines", "text"]
-
-SUBJECT = "selectserver"
 
 
 class Results:
@@ -63,11 +66,10 @@ def rows(scenarios: Iterable[Scenario], results: Results, impls: Sequence[str]) 
             for impl, value in found.items():
                 values = results.samples[scenario.key, metric.name, impl]
                 ratios = {
-                    base: (value / found[base] if found.get(base) else None)
-                    for base in BASELINES
-                    if base != impl
+                    base: (value / found[base] if base != impl and found.get(base) else None)
+                    for base in scenario.baselines
                 }
-                mine = target if impl == SUBJECT else None
+                mine = target if impl == scenario.subject else None
                 table.append(
                     Row(
                         scenario.label,
@@ -106,34 +108,42 @@ def _verdict(row: Row) -> tuple[str, str]:
     return row.target.describe(), verdict
 
 
-HEADER = (
-    "scenario",
-    "metric",
-    "implementation",
-    "median",
-    "min-max",
-    *(f"vs {base}" for base in BASELINES),
-    "target",
-    "pass",
-)
+def _baselines(table: Sequence[Row]) -> list[str]:
+    """The ratio columns: every baseline of the rows' scenarios, in order of first use."""
+    return list(dict.fromkeys(base for row in table for base in row.ratios))
 
 
-def _cells(row: Row) -> tuple[str, ...]:
+def _header(baselines: Sequence[str]) -> tuple[str, ...]:
+    return (
+        "scenario",
+        "metric",
+        "implementation",
+        "median",
+        "min-max",
+        *(f"vs {base}" for base in baselines),
+        "target",
+        "pass",
+    )
+
+
+def _cells(row: Row, baselines: Sequence[str]) -> tuple[str, ...]:
     return (
         row.scenario,
         row.metric.unit + (" (higher is better)" if row.metric.higher_is_better else ""),
         row.impl,
         _number(row.median),
         f"{_number(row.low)}-{_number(row.high)}",
-        *(_ratio(row.ratios.get(base)) if base != row.impl else "-" for base in BASELINES),
+        *(_ratio(row.ratios.get(base)) for base in baselines),
         *_verdict(row),
     )
 
 
 def text(table: Sequence[Row]) -> str:
     """The table as aligned plain text."""
-    lines = [HEADER, *(_cells(row) for row in table)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
+    baselines = _baselines(table)
+    header = _header(baselines)
+    lines = [header, *(_cells(row, baselines) for row in table)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         for line in lines
@@ -142,11 +152,13 @@ def text(table: Sequence[Row]) -> str:
 
 def markdown(table: Sequence[Row]) -> str:
     """The table as GitHub markdown."""
+    baselines = _baselines(table)
+    header = _header(baselines)
     lines = [
-        "| " + " | ".join(HEADER) + " |",
-        "|" + "|".join("---" for _ in HEADER) + "|",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
     ]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in table]
+    lines += ["| " + " | ".join(_cells(row, baselines)) + " |" for row in table]
     return "\n".join(lines)
 
 

@@ -3,6 +3,10 @@
 A scenario function takes the implementation and a :class:`Context` (the client process and the
 sizes of this run) and returns ``{metric: value}``. Scenarios check every reply, so a broken
 server fails the run instead of posting a fast time.
+
+Most scenarios judge selectserver against the baselines. The ``proxy*`` ones run the same client
+against selectserver direct and through a FaultProxy (the ``proxied`` implementation), and judge
+the proxied figure against the direct one from the same run.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .clients import ClientProcess, exchange
-from .impls import BASELINES, Impl, Script, opened
+from .impls import BASELINES, DIRECT, PROXIED, Impl, Script, opened
 from .system import PeakSampler, open_fds, os_threads, release_memory, rss, settled_threads
 
 __all__ = ["SCENARIOS", "Context", "Metric", "Scenario", "Sizes", "Target"]
@@ -43,6 +47,7 @@ class Sizes:
     many_servers: int = 1000
     many_clients_each: int = 5
     idle_servers: int = 1000
+    proxy_clients: int = 1000  # proxymany: clients at once through one proxy
 
 
 FULL = Sizes()
@@ -81,10 +86,11 @@ class Metric:
 
 @dataclass(frozen=True)
 class Target:
-    """A pass/fail check on selectserver's figure: ``ratio`` to ``baseline`` or an exact value.
+    """A pass/fail check on the subject's figure (selectserver's, or ``proxied`` for the proxy
+    scenarios): a ratio to ``baseline`` or an exact value.
 
-    With a baseline, the check is ``selectserver / baseline <= limit`` (``>=`` when ``at_least``).
-    Without one, the selectserver median must equal ``limit``.
+    With a baseline, the check is ``subject / baseline <= limit`` (``>=`` when ``at_least``).
+    Without one, the subject's median must equal ``limit``.
     """
 
     metric: str
@@ -120,6 +126,10 @@ class Scenario:
     impls: tuple[str, ...] = ("selectserver", *BASELINES)
     targets: tuple[Target, ...] = ()
     title: str = ""
+    #: the implementation whose figures the targets judge
+    subject: str = "selectserver"
+    #: what the table divides every implementation's median by, one ratio column each
+    baselines: tuple[str, ...] = BASELINES
 
     @property
     def label(self) -> str:
@@ -230,23 +240,27 @@ def _bulk_in(impl: Impl, context: Context) -> dict[str, float]:
     return {"throughput": size / result.require(1).elapsed / MB}
 
 
-# ---- manyconns, idle memory -------------------------------------------------------------------
+# ---- manyconns, proxymany, idle memory ------------------------------------------------------
 
 
-def _manyconns(impl: Impl, context: Context) -> dict[str, float]:
-    sizes = context.sizes
+def _crowd(
+    impl: Impl, context: Context, script: Script, servers: int, clients_each: int
+) -> dict[str, float]:
+    """Open ``servers``, connect ``clients_each`` clients to each all at once, check, close."""
+    reply = script[-1]
+    assert isinstance(reply, bytes)
     release_memory()
     threads0, rss0 = settled_threads(), rss()
     with PeakSampler() as peak:
         start = time.perf_counter()
-        with opened(impl, HELLO, sizes.many_servers) as group:
-            targets = group.addresses * sizes.many_clients_each
+        with opened(impl, script, servers) as group:
+            targets = group.addresses * clients_each
             context.clients.run(
                 "concurrent",
                 targets=targets,
                 concurrency=len(targets),
                 request=b"x",
-                expect=b"hello",
+                expect=reply,
             ).require(len(targets))
         elapsed = time.perf_counter() - start
     return {
@@ -254,6 +268,15 @@ def _manyconns(impl: Impl, context: Context) -> dict[str, float]:
         "threads": peak.peak_threads - threads0,
         "rss": (peak.peak_rss - rss0) / MiB,
     }
+
+
+def _manyconns(impl: Impl, context: Context) -> dict[str, float]:
+    sizes = context.sizes
+    return _crowd(impl, context, HELLO, sizes.many_servers, sizes.many_clients_each)
+
+
+def _proxymany(impl: Impl, context: Context) -> dict[str, float]:
+    return _crowd(impl, context, (1, b"ok"), 1, context.sizes.proxy_clients)
 
 
 def _idle(impl: Impl, context: Context) -> dict[str, float]:
@@ -279,7 +302,31 @@ def _normal(sizes: Sizes) -> int:
     return sizes.reps
 
 
+def _proxy_scenario(
+    key: str,
+    run: Callable[[Impl, Context], dict[str, float]],
+    metrics: tuple[Metric, ...],
+    *targets: Target,
+) -> Scenario:
+    """A scenario run direct and through a FaultProxy, judged proxied against direct."""
+    return Scenario(
+        key,
+        run,
+        metrics,
+        _normal,
+        impls=(DIRECT, PROXIED),
+        targets=targets,
+        subject=PROXIED,
+        baselines=(DIRECT,),
+    )
+
+
 _THROUGHPUT = (Metric("throughput", "MB/s", True),)
+_CROWD = (
+    Metric("wall", "s wall", False),
+    Metric("threads", "peak threads added", False),
+    Metric("rss", "MiB peak RSS added", False),
+)
 
 SCENARIOS: dict[str, Scenario] = {
     scenario.key: scenario
@@ -320,17 +367,7 @@ SCENARIOS: dict[str, Scenario] = {
             _normal,
             impls=("selectserver", *BASELINES, "plain"),
         ),
-        Scenario(
-            "manyconns",
-            _manyconns,
-            (
-                Metric("wall", "s wall", False),
-                Metric("threads", "peak threads added", False),
-                Metric("rss", "MiB peak RSS added", False),
-            ),
-            _heavy,
-            targets=(Target("threads", 1),),
-        ),
+        Scenario("manyconns", _manyconns, _CROWD, _heavy, targets=(Target("threads", 1),)),
         Scenario(
             "idle",
             _idle,
@@ -341,5 +378,15 @@ SCENARIOS: dict[str, Scenario] = {
             _heavy,
             targets=(Target("rss", 1.0, "asyncio"), Target("traced", 1.0, "asyncio")),
         ),
+        _proxy_scenario(
+            "proxybulk", _bulk, _THROUGHPUT, Target("throughput", 0.5, DIRECT, at_least=True)
+        ),
+        _proxy_scenario(
+            "proxypingpong",
+            _pingpong,
+            (Metric("round trip", "µs/round trip", False),),
+            Target("round trip", 2.0, DIRECT),
+        ),
+        _proxy_scenario("proxymany", _proxymany, _CROWD, Target("threads", 1)),
     )
 }
