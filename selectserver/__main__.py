@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
 
 from ._connection import format_address
@@ -166,18 +166,26 @@ def format_transcript(record: ConnectionRecord, *, limit: int = 200) -> str:
     sent = record.sent
     if sent:
         lines.append(f"  -> {_preview(sent, limit)}")
-    uncounted = [
-        f"{count} bytes {what}"
-        for count, what in ((record.discarded, "discarded"), (record.dropped, "dropped"))
-        if count
-    ]
+    counts = ((record.discarded, "discarded"), (record.dropped, "dropped"))
+    _add_ending(lines, counts, record.detail, record.failure, f"at step {record.step}")
+    return "\n".join(lines)
+
+
+def _add_ending(
+    lines: list[str],
+    counts: Iterable[tuple[int, str]],
+    detail: str | None,
+    failure: str | None,
+    where: str,
+) -> None:
+    """The last lines of a transcript: bytes not shown, why it ended, its failure."""
+    uncounted = [f"{count} bytes {what}" for count, what in counts if count]
     if uncounted:
         lines.append(f"  ({', '.join(uncounted)})")
-    if record.detail and not (record.failure and record.detail in record.failure):
-        lines.append(f"  at step {record.step}: {record.detail}")
-    if record.failure:
-        lines.append(f"  FAILED: {record.failure}")
-    return "\n".join(lines)
+    if detail and not (failure and detail in failure):
+        lines.append(f"  {where}: {detail}")
+    if failure:
+        lines.append(f"  FAILED: {failure}")
 
 
 def _preview(data: bytes, limit: int = 200) -> str:
@@ -213,17 +221,8 @@ def format_proxy_transcript(record: ProxyRecord, *, limit: int = 200) -> str:
         lines.append(line)
     if record.faults:
         lines.append(f"  faults: {', '.join(map(repr, list(record.faults)))}")
-    uncounted = [
-        f"{count} bytes {what}"
-        for count, what in ((record.dropped, "dropped"), (record.unrecorded, "not recorded"))
-        if count
-    ]
-    if uncounted:
-        lines.append(f"  ({', '.join(uncounted)})")
-    if record.detail and not (record.failure and record.detail in record.failure):
-        lines.append(f"  ended: {record.detail}")
-    if record.failure:
-        lines.append(f"  FAILED: {record.failure}")
+    counts = ((record.dropped, "dropped"), (record.unrecorded, "not recorded"))
+    _add_ending(lines, counts, record.detail, record.failure, "ended")
     return "\n".join(lines)
 
 
