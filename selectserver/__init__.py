@@ -20,7 +20,7 @@ from ._faults import (
     Timeout,
 )
 from ._proxy import FaultProxy
-from ._reactor import Reactor, ReactorStatistics, statistics
+from ._reactor import Reactor, ReactorStatistics, statistics, stop_reactor
 from ._recording import Chunk, ProxyRecord, load_recording
 from ._records import ConnectionRecord, Outcome
 from ._script import (
@@ -110,4 +110,5 @@ __all__ = [
     "Throttle",
     "compile_script",
     "statistics",
+    "stop_reactor",
 ]

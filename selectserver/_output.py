@@ -22,7 +22,7 @@ import time
 from collections import deque
 from typing import Any, TextIO
 
-__all__ = ["MAX_PENDING", "flush", "line", "log"]
+__all__ = ["MAX_PENDING", "flush", "line", "log", "stop"]
 
 logger = logging.getLogger("selectserver")
 
@@ -45,6 +45,8 @@ class _Writer:
         self.written = 0  # entries ever written (or found unwritable)
         self.dropped = 0
         self.running = False
+        self.thread: threading.Thread | None = None
+        self.stop_requested = False  # end as soon as the queue is empty
         self.busy_since: float | None = None  # when the current write began
         self.wakeup = _thread.allocate_lock()
         self.wakeup.acquire()
@@ -57,8 +59,14 @@ class _Writer:
         self.queued += 1
         if not self.running:
             self.running = True
-            threading.Thread(target=self.run, name="selectserver-output", daemon=True).start()
-        elif self.wakeup.locked():
+            thread = threading.Thread(target=self.run, name="selectserver-output", daemon=True)
+            self.thread = thread
+            thread.start()
+        else:
+            self.wake()
+
+    def wake(self) -> None:
+        if self.wakeup.locked():
             try:
                 self.wakeup.release()
             except RuntimeError:
@@ -78,7 +86,8 @@ class _Writer:
             if self.dropped:
                 dropped, self.dropped = self.dropped, 0
                 _write(("log", logging.WARNING, "selectserver dropped %d output lines", (dropped,)))
-            self.wakeup.acquire(timeout=IDLE_SECONDS)
+            if not self.stop_requested:
+                self.wakeup.acquire(timeout=IDLE_SECONDS)
             if not self.pending:
                 self.running = False
                 if self.pending:  # a put() saw running=True just before we stopped
@@ -96,6 +105,20 @@ class _Writer:
             if now >= deadline or (busy is not None and now - busy > FLUSH_SECONDS / 4):
                 return  # a stream nobody drains: its lines come when it does
             time.sleep(0.001)
+
+    def stop(self, timeout: float | None) -> None:
+        """Write what is queued, end the thread and wait for it."""
+        thread = self.thread
+        if thread is None or thread is threading.current_thread():
+            return
+        self.stop_requested = True
+        try:
+            self.wake()
+            thread.join(None if timeout is None else min(max(timeout, 0.0), threading.TIMEOUT_MAX))
+        finally:
+            self.stop_requested = False
+        if thread.is_alive():
+            raise TimeoutError(f"selectserver's output writer did not stop within {timeout} s")
 
 
 def _write(entry: _Entry) -> None:
@@ -128,6 +151,11 @@ def flush(timeout: float = FLUSH_SECONDS) -> None:
     """Wait (at most ``timeout``) for the output queued so far to be written."""
     if threading.current_thread().name != "selectserver-output":
         _writer.flush(timeout)
+
+
+def stop(timeout: float | None) -> None:
+    """End the writer thread once what is queued is written (it starts again when needed)."""
+    _writer.stop(timeout)
 
 
 def _after_fork_in_child() -> None:

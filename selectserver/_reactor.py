@@ -20,12 +20,16 @@ the selector rejects costs its handler. If the loop itself fails (a bug), the er
 every server's ``check()``/``close()`` raises it, and all sockets are closed, so no caller
 waits forever.
 
-The default reactor starts with the first server and stops, closing its thread and file
-descriptors, when the last server closes; the next server starts a new one. A reactor built by
+The default reactor starts with the first server and stays up while servers come and go: it
+stops, closing its thread and file descriptors, once it has served no server for
+:data:`IDLE_SECONDS` (a suite that makes a server per test starts one thread, not one per test),
+or at once through :func:`stop_reactor`; the next server starts a new one. A reactor built by
 hand (say, on ``selectors.SelectSelector`` for tests) runs from :meth:`Reactor.start` until
-:meth:`Reactor.close`. A process forked while reactors run gets none of their threads: in the
-child, their servers' sockets are closed (without touching the parent's connections) and the
-child's first server starts a fresh default reactor.
+:meth:`Reactor.close`, or until it has been idle for its ``idle_seconds``.
+
+A process forked while reactors run gets none of their threads: in the child, their servers'
+sockets are closed (without touching the parent's connections) and the child's first server
+starts a fresh default reactor.
 """
 
 from __future__ import annotations
@@ -46,7 +50,15 @@ from . import _output
 from ._records import Latch
 from ._timers import TimerHeap
 
-__all__ = ["MAX_SELECT_SECONDS", "Reactor", "ReactorStatistics", "attach", "statistics"]
+__all__ = [
+    "IDLE_SECONDS",
+    "MAX_SELECT_SECONDS",
+    "Reactor",
+    "ReactorStatistics",
+    "attach",
+    "statistics",
+    "stop_reactor",
+]
 
 logger = logging.getLogger("selectserver")
 
@@ -54,6 +66,8 @@ logger = logging.getLogger("selectserver")
 RECV_BUFFER_SIZE = 256 * 1024
 #: the longest one select() waits (selectors raise OverflowError past a platform limit)
 MAX_SELECT_SECONDS = 60.0
+#: how long the default reactor waits, serving no server, before it stops
+IDLE_SECONDS = 1.0
 
 
 class Handler(Protocol):
@@ -108,13 +122,14 @@ class Reactor:
         self,
         selector_factory: Callable[[], selectors.BaseSelector] = selectors.DefaultSelector,
         *,
-        stop_when_idle: bool = False,
+        idle_seconds: float | None = None,
     ) -> None:
         """Make a reactor; :meth:`start` starts its thread.
 
         Args:
             selector_factory: builds the selector (``DefaultSelector``, ``SelectSelector``, ...).
-            stop_when_idle: stop once the last server closes (how the default reactor behaves).
+            idle_seconds: stop once no server has been served for this long (0: as soon as the
+                last one closes; None: run until :meth:`close`).
         """
         self._selector = selector_factory()
         self._timers: TimerHeap[Handler] = TimerHeap()
@@ -124,7 +139,8 @@ class Reactor:
         self._commands: deque[_Command] = deque()
         self._closed = False  # no more commands accepted
         self._released = False  # the selector and socketpair are closed
-        self._stop_when_idle = stop_when_idle
+        self._idle_seconds = idle_seconds
+        self._idle_deadline: float | None = None  # when to stop if still serving no server
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
@@ -326,6 +342,7 @@ class Reactor:
             server.close(time.monotonic())
             return
         self._servers.add(server)
+        self._idle_deadline = None
         self._current = server
         try:
             server.attach(self)
@@ -358,6 +375,9 @@ class Reactor:
         timeout = 0.0
         if not self._commands and not self._ready:
             deadline = self._timers.next_deadline()
+            idle = self._idle_deadline
+            if idle is not None and (deadline is None or idle < deadline):
+                deadline = idle
             timeout = (
                 MAX_SELECT_SECONDS
                 if deadline is None
@@ -387,6 +407,8 @@ class Reactor:
                     self._crash(handler, exc)
         if self._commands:
             self._run_commands()
+        elif self._idle_deadline is not None and time.monotonic() >= self._idle_deadline:
+            self._stop_if_idle()
 
     def _dispatch(self, handler: Handler) -> None:
         self._current = handler
@@ -416,18 +438,30 @@ class Reactor:
     def _release_closed(self) -> None:
         """Tell closers their servers are closed, after deciding whether to stop when idle.
 
-        The decision comes first so that ``close()`` of the last server can wait for the
-        stop (and so count no reactor thread or descriptor left behind). A submitter that
-        raced with the decision either sees the stop and takes its command back, or its
-        command is seen here and the reactor goes on.
+        The decision comes first so that, with ``idle_seconds=0``, ``close()`` of the last
+        server can wait for the stop (and so count no reactor thread or descriptor left
+        behind).
         """
-        if self._stop_when_idle and not self._servers:
-            self._closed = True
-            if self._commands:
-                self._closed = False
+        if self._idle_seconds is not None and not self._servers:
+            self._idle_deadline = time.monotonic() + self._idle_seconds
+            if self._idle_seconds <= 0:
+                self._stop_if_idle()
         closing, self._closing = self._closing, []
         for server in closing:
             _release(server)
+
+    def _stop_if_idle(self) -> None:
+        """Stop unless a command came in (it may bring a server).
+
+        A submitter that raced with the decision either sees the stop and takes its command
+        back, or its command is seen here and the reactor goes on; the next pass looks again.
+        """
+        if self._servers:
+            self._idle_deadline = None
+            return
+        self._closed = True
+        if self._commands:
+            self._closed = False
 
     def _drop_bad_files(self, exc: BaseException) -> None:
         """select() failed: crash the handlers whose files are closed or invalid.
@@ -541,7 +575,7 @@ def attach(server: ServerHandle) -> Reactor:
     with _default_lock:
         if _default is not None and _default.add_server(server):
             return _default
-        reactor = Reactor(stop_when_idle=True)
+        reactor = Reactor(idle_seconds=IDLE_SECONDS)
         reactor.add_server(server)
         reactor.start()
         _default = reactor
@@ -554,6 +588,24 @@ def statistics() -> ReactorStatistics:
     if reactor is None:
         return ReactorStatistics(False, 0, 0, 0, 0, None)
     return reactor.statistics()
+
+
+def stop_reactor(timeout: float | None = 30.0) -> None:
+    """Stop the default reactor now, and the output writer, and wait until both are gone.
+
+    For tests that count threads and file descriptors: afterwards selectserver holds none
+    (until the next server starts a new reactor). A server still open is closed, as when
+    its reactor stops.
+
+    Raises:
+        TimeoutError: the reactor or the writer did not stop within ``timeout`` seconds.
+    """
+    global _default
+    with _default_lock:
+        reactor, _default = _default, None
+    if reactor is not None:
+        reactor.close(timeout)
+    _output.stop(timeout)
 
 
 def _after_fork_in_child() -> None:

@@ -277,7 +277,13 @@ class _Served(_Endpoint):
             raise RuntimeError(f"reactor {reactor!r} is closed")
 
     def _run(self, command: Callable[[], None]) -> None:
-        """Run ``command`` on the reactor thread; return once it has run."""
+        """Run ``command`` on the reactor thread; return once it has run.
+
+        Raises:
+            RuntimeError: the server is closed.
+        """
+        if self._closing:
+            raise RuntimeError(f"{self!r} is closed")
         run_on_reactor(self._reactor, command)
 
     def down(self) -> None:

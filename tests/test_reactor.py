@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+from conftest import connect, open_fds, read_to_eof
 
 import selectserver
 from selectserver import (
@@ -22,6 +23,7 @@ from selectserver import (
     Reactor,
     ReactorStatistics,
     _machine,
+    _reactor,
 )
 
 SELECTORS: list[Callable[[], selectors.BaseSelector]] = [
@@ -161,15 +163,85 @@ def test_a_crashing_connection_ends_alone(monkeypatch: pytest.MonkeyPatch) -> No
             server.check()
 
 
-def test_the_default_reactor_stops_with_its_last_server_and_restarts() -> None:
-    threads_before = threading.active_count()
-    with CommandServer("one", verbose=False) as first:
+def reactor_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "selectserver-reactor"]
+
+
+def test_the_default_reactor_outlives_its_servers_and_stop_reactor_leaves_nothing() -> None:
+    """One reactor serves a suite's successive servers; stop_reactor() leaves no thread or fd."""
+    selectserver.stop_reactor()
+    threads_before, fds_before = threading.active_count(), open_fds()
+    with CommandServer("one", verbose=True) as first:
         assert exchange(first.address) == b"one"
-        assert selectserver.statistics().running
-    assert not selectserver.statistics().running
-    assert threading.active_count() == threads_before
+        (thread,) = reactor_threads()
     with CommandServer("two", verbose=False) as second:
         assert exchange(second.address) == b"two"
+        assert reactor_threads() == [thread]  # the same thread served both
+    assert selectserver.statistics().running  # idle, within its grace period
+    selectserver.stop_reactor()
+    assert not thread.is_alive()
+    assert not selectserver.statistics().running
+    assert (threading.active_count(), open_fds()) == (threads_before, fds_before)
+    with CommandServer("three", verbose=False) as third:  # a fresh reactor
+        assert exchange(third.address) == b"three"
+        assert reactor_threads() != [thread]
+    selectserver.stop_reactor()
+    assert (threading.active_count(), open_fds()) == (threads_before, fds_before)
+
+
+def test_the_default_reactor_stops_after_its_idle_grace_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    selectserver.stop_reactor()
+    monkeypatch.setattr(_reactor, "IDLE_SECONDS", 0.05)
+    threads_before, fds_before = threading.active_count(), open_fds()
+    with CommandServer("one", verbose=False) as server:
+        assert exchange(server.address) == b"one"
+        (thread,) = reactor_threads()
+    thread.join(10)  # it stops by itself
+    assert not thread.is_alive()
+    assert (threading.active_count(), open_fds()) == (threads_before, fds_before)
+
+
+def test_stop_reactor_closes_a_server_still_open() -> None:
+    server = CommandServer([RECEIVE, "late"], verbose=False)
+    with connect(server.address) as client:
+        selectserver.stop_reactor()
+        try:
+            assert read_to_eof(client) == b""  # the script was cut short by the stop
+        except ConnectionResetError:
+            pass  # closed while still in the listening socket's backlog
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(server.address, timeout=5).close()
+    server.close()  # idempotent after the stop
+    selectserver.stop_reactor()  # and so is stopping
+
+
+def test_servers_racing_an_idle_reactor_that_stops_at_once_all_get_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no grace period, every close of a last server races the next constructor."""
+    selectserver.stop_reactor()
+    monkeypatch.setattr(_reactor, "IDLE_SECONDS", 0.0)
+    failures: list[BaseException] = []
+
+    def churn(name: str) -> None:
+        try:
+            for i in range(50):
+                with CommandServer(f"{name}{i}", verbose=False) as server:
+                    assert exchange(server.address) == f"{name}{i}".encode()
+        except BaseException as exc:
+            failures.append(exc)
+
+    workers = [threading.Thread(target=churn, args=(name,)) for name in "abcd"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert not any(worker.is_alive() for worker in workers)
+    assert failures == []
+    selectserver.stop_reactor()
+    assert reactor_threads() == []
 
 
 def statistics_on_the_reactor_thread(reactor: Reactor) -> ReactorStatistics:

@@ -32,6 +32,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+import selectserver
 from selectserver import CommandServer, Outcome, ReadUntil, statistics
 
 T = TypeVar("T")
@@ -112,8 +113,8 @@ class ReactorMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
+        selectserver.stop_reactor()
         self.fds = open_fds()
-        self.was_running = statistics().running
         self.all_servers: list[Server] = []
         self.all_clients: list[Client] = []
         self.probes: list[object] = []  # the local addresses of probe() connections
@@ -215,8 +216,9 @@ class ReactorMachine(RuleBasedStateMachine):
             server.server.check()
             self.check_records(server)
         assert reactor_threads() <= 1
-        if not self.was_running:
-            assert not statistics().running
+        selectserver.stop_reactor()
+        assert not statistics().running
+        assert reactor_threads() == 0
         assert open_fds() == self.fds
 
     def check_records(self, server: Server) -> None:
