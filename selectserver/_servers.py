@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _output
+from . import _output, _ports
 from ._acceptor import Acceptor, format_address
 from ._connection import Listener
 from ._control import GateControl, GateState, run_on_reactor
@@ -54,6 +54,9 @@ DEFAULT_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 30.0
 
 
+_IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
 def _bind(
     host: str, port: int, *, listen: bool, backlog: int = socket.SOMAXCONN, reuse: bool = True
 ) -> socket.socket:
@@ -64,16 +67,23 @@ def _bind(
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        if reuse and hasattr(socket, "SO_REUSEADDR") and socket.SO_REUSEADDR:
-            # Lets a fixed port be reused while old connections sit in TIME_WAIT; on POSIX it
-            # never lets two sockets listen on one port.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        return _listen(sock, address, listen, backlog)
-    except BaseException:
-        sock.close()
-        raise
+    ports = _ports.candidates() if port == 0 and family in _IP_FAMILIES else iter((port,))
+    for candidate in ports:
+        sock = socket.socket(family, kind, proto)
+        try:
+            if reuse and hasattr(socket, "SO_REUSEADDR") and socket.SO_REUSEADDR:
+                # Lets a port be bound again while old connections sit in TIME_WAIT; on POSIX
+                # it never lets two sockets listen on one port.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            return _listen(sock, (address[0], candidate, *address[2:]), listen, backlog)
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or candidate == port:
+                raise
+        except BaseException:
+            sock.close()
+            raise
+    raise AssertionError("unreachable: the last candidate port is the one asked for")
 
 
 def _bind_unix(path: str | bytes, backlog: int = socket.SOMAXCONN) -> socket.socket:

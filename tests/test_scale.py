@@ -2,9 +2,10 @@
 
 Each hostile-client test ends with :func:`healthy`: the server under attack and a brand-new one
 still answer a good client, and the reactor thread that started with the test is the one still
-running. Every in-process test runs inside :func:`no_leaks`: once its servers are closed, the
-process holds exactly the descriptors it held before. File-descriptor exhaustion runs in a
-subprocess, which lowers its own ``RLIMIT_NOFILE``. Concurrent clients are driven by one
+running. Every in-process test runs inside :func:`no_leaks`: once its servers are closed and the
+reactor is stopped (``stop_reactor()``), the process holds exactly the descriptors it held
+before. File-descriptor exhaustion runs in a subprocess, which lowers its own
+``RLIMIT_NOFILE``. Concurrent clients are driven by one
 selector (:func:`run_clients`), with a deadline.
 """
 
@@ -29,7 +30,15 @@ from typing import Any
 import pytest
 from conftest import HTTP_OK, connect, open_fds, read_exactly, read_to_eof
 
-from selectserver import RECEIVE, STALL, CommandServer, Outcome, ReadUntil, statistics
+from selectserver import (
+    RECEIVE,
+    STALL,
+    CommandServer,
+    Outcome,
+    ReadUntil,
+    statistics,
+    stop_reactor,
+)
 
 Address = tuple[str, int]
 
@@ -125,10 +134,13 @@ def reactor_threads() -> list[threading.Thread]:
 
 @contextmanager
 def no_leaks() -> Iterator[ExitStack]:
-    """An ExitStack for servers; on exit, closes them and checks no descriptor was left open."""
+    """An ExitStack for servers; on exit, closes them, stops the reactor and checks that the
+    process holds exactly the descriptors it held before."""
+    stop_reactor()
     before = open_fds()
     with ExitStack() as stack:
         yield stack
+    stop_reactor()
     assert open_fds() == before, "descriptors leaked"
 
 
@@ -444,3 +456,27 @@ def test_fd_exhaustion_neither_spins_nor_kills_the_reactor() -> None:
     assert measured["connections"] == 0, "nothing can be accepted while fds are exhausted"
     assert measured["cpu"] < 0.25 * measured["wall"], f"the reactor spins: {measured}"
     assert done == ["completed"] * 3
+
+
+# ---- churn: a long suite's worth of short-lived servers ---------------------------------------
+
+
+def test_100000_connections_over_1000_successive_servers_raise_no_error() -> None:
+    """Each server closes its connections first, so each leaves a TIME_WAIT entry on its port;
+    100,000 of them must not make a later server fail to bind (EADDRINUSE, EADDRNOTAVAIL) or
+    any client fail to connect. The clients close normally (no RST), as real ones do."""
+    servers, clients_each = 1000, 100
+    ports: set[int] = set()
+    with no_leaks():
+        for _ in range(servers):
+            with CommandServer(HELLO, verbose=False) as server:
+                ports.add(server.port)
+                clients = [Client(server.address, b"x") for _ in range(clients_each)]
+                run_clients(clients)
+                assert [(c.error, bytes(c.reply)) for c in clients] == [
+                    (None, b"hello")
+                ] * clients_each
+                records = server.wait_for_connections(clients_each, timeout=DEADLINE)
+                assert {record.outcome for record in records} == {Outcome.COMPLETED}
+            server.check()
+    assert len(ports) == servers  # no port was handed out twice while its TIME_WAITs last
