@@ -1,8 +1,10 @@
 """``python -m benchmarks``: run the scenarios, interleaved, and print the table.
 
 Every repetition runs each chosen scenario once per implementation, in an order rotated from one
-repetition to the next, so a noisy neighbour slows every implementation alike. The ratios in
-the table compare medians from the same run; read those, not the absolute figures.
+repetition to the next, so a noisy neighbour slows every implementation alike. A scenario with
+fewer repetitions runs in the last ones, and ``churn`` (which leaves TIME_WAIT entries behind)
+runs last of all. The ratios in the table compare medians from the same run; read those, not
+the absolute figures.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def _header(sizes: Sizes, started: datetime.datetime, placement: str) -> str:
     return (
         f"{started:%Y-%m-%d %H:%M} UTC, Python {platform.python_version()} on "
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({placement}); "
-        f"{sizes.reps} repetitions ({sizes.heavy_reps} for manyconns, idle, spinup N=1000)"
+        f"{sizes.reps} repetitions ({sizes.heavy_reps} for manyconns, idle, idleconns, records, "
+        "spinup N=1000; churn once)"
     )
 
 
@@ -92,11 +95,13 @@ def run(scenarios: Sequence[Scenario], impls: Sequence[str], sizes: Sizes) -> re
     """Run every scenario for every implementation, interleaved round-robin."""
     results = report.Results()
     started = time.monotonic()
+    ordered = sorted(scenarios, key=lambda scenario: scenario.last)
+    total = max(scenario.reps(sizes) for scenario in ordered)
     with ClientProcess() as clients:
         context = Context(clients, sizes)
-        for rep in range(max(scenario.reps(sizes) for scenario in scenarios)):
-            for scenario in scenarios:
-                if rep >= scenario.reps(sizes):
+        for rep in range(total):
+            for scenario in ordered:
+                if rep < total - scenario.reps(sizes):
                     continue
                 order = [impl for impl in scenario.impls if impl in impls]
                 shift = rep % len(order) if order else 0

@@ -10,13 +10,15 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol, Union, runtime_checkable
 
 __all__ = [
+    "HELLO",
     "HOST",
     "RECV_SIZE",
     "WAIT_SECONDS",
     "Address",
+    "CountingGroup",
     "Group",
     "Impl",
     "Script",
@@ -30,6 +32,8 @@ Script = tuple[Step, ...]
 Address = tuple[str, int]
 
 HOST = "127.0.0.1"
+#: the script most scenarios serve: read a request, answer ``hello``, close
+HELLO: Script = (1, b"hello")
 #: bytes asked of one recv() by the baselines (selectserver uses its own size)
 RECV_SIZE = 256 * 1024
 #: the longest any close, start or settle waits before the benchmark fails loudly
@@ -46,6 +50,14 @@ class Group(Protocol):
 
     def close(self) -> None:
         """Close every server and stop every thread the group started."""
+
+
+@runtime_checkable
+class CountingGroup(Group, Protocol):
+    """A group that can say how many connections its servers hold open."""
+
+    def connections(self) -> int:
+        """Connections accepted and being served now (not yet closed)."""
 
 
 @dataclass(frozen=True)

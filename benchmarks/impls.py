@@ -1,10 +1,10 @@
 """The implementations under test: selectserver and the baselines it is measured against.
 
 Every implementation serves the same step list (see ``benchmarks.common``). ``Impl.open`` makes
-``n`` servers the
-way a user of that library would, one after another, and returns a :class:`Group` whose
-``close()`` closes them all (and stops any loop thread it started, so no thread or descriptor is
-left behind). The baselines:
+``n`` servers the way a user of that library would, one after another, and returns a
+:class:`Group` whose ``close()`` closes them all and stops any loop thread the group started
+(selectserver's default reactor is not the group's: it may stay up, idle, as it does for a
+user). :func:`warm_up` readies an implementation before a baseline is taken. The baselines:
 
 * ``threads``: ``socketserver.ThreadingTCPServer``, one ``serve_forever`` thread per server
   (and one thread per connection), as the seed library and pytest-httpserver work;
@@ -34,7 +34,9 @@ from typing import Any, TypeVar
 
 import selectserver
 
+from .clients import exchange
 from .common import (
+    HELLO,
     HOST,
     RECV_SIZE,
     WAIT_SECONDS,
@@ -58,6 +60,7 @@ __all__ = [
     "Script",
     "by_name",
     "opened",
+    "warm_up",
 ]
 
 T = TypeVar("T")
@@ -80,6 +83,9 @@ class _SelectServerGroup:
             if time.monotonic() > deadline:
                 raise RuntimeError("selectserver did not attach its servers in time")
             time.sleep(0.001)
+
+    def connections(self) -> int:
+        return selectserver.statistics().connections  # the default reactor's: this group's
 
     def close(self) -> None:
         for server in self.servers:
@@ -178,28 +184,6 @@ class _ThreadsGroup:
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
 
 
-def _asyncio_handler(script: Script) -> Handler:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            for step in script:
-                if isinstance(step, int):
-                    got = 0
-                    while got < step:
-                        data = await reader.read(RECV_SIZE)
-                        if not data:
-                            return
-                        got += len(data)
-                else:
-                    writer.write(step)
-                    await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    return handle
-
-
 class _AsyncioGroup:
     def __init__(self, script: Script, n: int) -> None:
         self.loop = asyncio.new_event_loop()
@@ -207,7 +191,8 @@ class _AsyncioGroup:
             target=self.loop.run_forever, name="asyncio-baseline", daemon=True
         )
         self.thread.start()
-        handler = _asyncio_handler(script)
+        self.live = 0  # connections being served: changed on the loop thread only
+        handler = self._handler(script)
         self.servers: list[asyncio.Server] = []
         try:
             for _ in range(n):
@@ -216,6 +201,29 @@ class _AsyncioGroup:
             self.close()
             raise
         self.addresses = [server.sockets[0].getsockname()[:2] for server in self.servers]
+
+    def _handler(self, script: Script) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.live += 1
+            try:
+                for step in script:
+                    if isinstance(step, int):
+                        got = 0
+                        while got < step:
+                            data = await reader.read(RECV_SIZE)
+                            if not data:
+                                return
+                            got += len(data)
+                    else:
+                        writer.write(step)
+                        await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                self.live -= 1
+                writer.close()
+
+        return handle
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(WAIT_SECONDS)
@@ -242,6 +250,9 @@ class _AsyncioGroup:
 
     def settle(self) -> None:
         pass  # start_server returned: the loop serves it
+
+    def connections(self) -> int:
+        return self.live
 
     def close(self) -> None:
         for server in self.servers:
@@ -312,6 +323,22 @@ _ALL: dict[str, Impl] = {
 def by_name(name: str) -> Impl:
     """The implementation called ``name``."""
     return _ALL[name]
+
+
+def warm_up(impl: Impl) -> None:
+    """Open one ``HELLO`` server of ``impl``, serve one client, close it.
+
+    A baseline taken after this includes what the implementation keeps between groups
+    (selectserver's default reactor may stay up, idle, for a grace period) and its first-use
+    costs. Before a baseline's warm-up, a reactor lingering from selectserver's earlier run is
+    stopped (``selectserver.stop_reactor()``), so its thread and descriptors going away are not
+    charged to the baseline.
+    """
+    if impl.name not in (DIRECT, PROXIED):
+        selectserver.stop_reactor(WAIT_SECONDS)
+    with opened(impl, HELLO, 1) as group:
+        group.settle()
+        exchange(group.addresses[0], b"x", b"hello")
 
 
 @contextmanager

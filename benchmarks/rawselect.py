@@ -209,6 +209,9 @@ class RawGroup:
     def settle(self) -> None:
         self.loop.call(lambda: None)  # commands run in order: every listener is registered
 
+    def connections(self) -> int:
+        return sum(len(listener.connections) for listener in self.listeners)
+
     def close(self) -> None:
         for listener in self.listeners:
             self.loop.call(listener.close)

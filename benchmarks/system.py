@@ -18,6 +18,7 @@ __all__ = [
     "release_memory",
     "rss",
     "settled_threads",
+    "time_wait",
 ]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -59,6 +60,16 @@ def settled_threads(seconds: float = 2.0) -> int:
         time.sleep(0.001)
         count = os_threads()
     return count
+
+
+def time_wait() -> int:
+    """TCP connections in TIME_WAIT on the host (in this network namespace, all processes)."""
+    with open("/proc/net/sockstat", encoding="ascii") as sockstat:
+        for line in sockstat:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("tw") + 1])
+    raise RuntimeError("no TCP: line in /proc/net/sockstat")
 
 
 def rss() -> int:
