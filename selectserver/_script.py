@@ -568,6 +568,45 @@ def compile_script(
     """
     if isinstance(commands, (str, bytes, bytearray, memoryview)):
         commands = [RECEIVE, commands]
+    key = _cache_key(commands, tls)
+    if key is not None:
+        cached = _compiled.get(key)
+        if cached is None:
+            cached = _compiled[key] = _compile(commands, name, tls)
+            if len(_compiled) > CACHED_SCRIPTS:
+                _compiled.pop(next(iter(_compiled)), None)  # the oldest (another thread may too)
+        return cached
+    return _compile(commands, name, tls)
+
+
+#: scripts of plain steps whose compiled form is kept, for servers made again and again
+CACHED_SCRIPTS = 256
+#: the most payload bytes a cached script holds (a cache must not keep big payloads alive)
+CACHED_BYTES = 4096
+_PLAIN = (str, bytes, int, Command)
+_compiled: dict[tuple[object, ...], tuple[Step, ...]] = {}
+
+
+def _cache_key(commands: object, tls: bool) -> tuple[object, ...] | None:
+    """What identifies a script made only of plain steps (str, bytes, int, commands), or None.
+
+    Compiled steps are frozen, so servers with the same script share them. Types are in the
+    key: ``1``, ``True`` and ``1.0`` are equal but not the same step.
+    """
+    if not isinstance(commands, (list, tuple)) or len(commands) > 64:
+        return None
+    size = 0
+    for value in commands:
+        if type(value) not in _PLAIN and not isinstance(value, Command):
+            return None
+        if isinstance(value, (str, bytes)):
+            size += len(value)
+    if size > CACHED_BYTES:
+        return None
+    return (tls, *[(type(value), value) for value in commands])
+
+
+def _compile(commands: object, name: str, tls: bool) -> tuple[Step, ...]:
     if not isinstance(commands, (list, tuple)):
         if isinstance(commands, Iterable) and not isinstance(commands, (dict, set, frozenset)):
             commands = list(commands)

@@ -20,6 +20,7 @@ import os
 import socket
 import ssl
 import stat
+import sys
 import threading
 import urllib.parse
 import weakref
@@ -84,6 +85,12 @@ def _bind(
             sock.close()
             raise
     raise AssertionError("unreachable: the last candidate port is the one asked for")
+
+
+def _host_and_port(sock: socket.socket) -> tuple[str, int]:
+    """``sock``'s bound host and port; every server on one host shares the host's string."""
+    host, port = sock.getsockname()[:2]
+    return sys.intern(host), port
 
 
 def _bind_unix(path: str | bytes, backlog: int = socket.SOMAXCONN) -> socket.socket:
@@ -271,7 +278,7 @@ class _Served(_Endpoint):
                 raise
         # A Unix socket keeps the path as the caller gave it: getsockname() would return an
         # abstract name as bytes and a bytes path as str.
-        self._sock_name = sock.getsockname()[:2] if path is None else path
+        self._sock_name = _host_and_port(sock) if path is None else path
         return sock
 
     def _serve(self, listener: Acceptor, reactor: Reactor | None) -> None:
@@ -654,7 +661,7 @@ class _HeldPort(_Endpoint):
         # No SO_REUSEADDR: on Linux two sockets that both set it may share a port while neither
         # listens, so a held port must not set it, or any server could take the port.
         self._sock: socket.socket | None = _bind(host, port, listen=listen, backlog=0, reuse=False)
-        self._sock_name = self._sock.getsockname()[:2]
+        self._sock_name = _host_and_port(self._sock)
         self._extra: list[socket.socket] = []
 
     def close(self) -> None:

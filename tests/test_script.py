@@ -26,6 +26,7 @@ from selectserver import (
     Garbage,
     ReadUntil,
     Throttle,
+    _script,
     compile_script,
 )
 from selectserver._machine import Done, Send, StepMachine
@@ -388,3 +389,34 @@ def test_the_empty_script_is_valid() -> None:
 def test_error_names_the_script() -> None:
     with pytest.raises(TypeError, match=re.escape("scripts[7][2] = 3.5: expected")):
         compile_script([RECEIVE, b"x", 3.5], name="scripts[7]")
+
+
+# ---- the cache of compiled plain scripts ---------------------------------------------------------
+
+
+def test_servers_with_the_same_plain_script_share_its_compiled_steps() -> None:
+    script = [RECEIVE, "hello", b"there", 3, HANGUP]
+    assert compile_script(script) is compile_script(list(script))
+    assert compile_script(tuple(script), tls=True) is not compile_script(script)
+    assert compile_script(tuple(script), tls=True)[0] == StartTLS()
+
+
+def test_the_cache_tells_equal_values_of_other_types_apart() -> None:
+    assert compile_script([RECEIVE, 1])[1] == compile_script([RECEIVE, 1])[1]
+    with pytest.raises(TypeError, match=r"script\[1\] = True"):
+        compile_script([RECEIVE, True])
+    with pytest.raises(TypeError, match=r"script\[1\] = 1\.0"):
+        compile_script([RECEIVE, 1.0])
+    assert compile_script(["1"])[0] != compile_script([1])[0]
+
+
+def test_the_cache_keeps_neither_big_payloads_nor_more_than_its_bound() -> None:
+    big = b"x" * (_script.CACHED_BYTES + 1)
+    assert compile_script([big]) is not compile_script([big])
+    for n in range(_script.CACHED_SCRIPTS * 2):
+        compile_script([RECEIVE, f"reply {n}"])
+    assert len(_script._compiled) <= _script.CACHED_SCRIPTS
+    mutable = bytearray(b"abc")
+    steps = compile_script([mutable])
+    mutable[:] = b"xyz"
+    assert compile_script([mutable]) is not steps  # never cached: copied at each compile
