@@ -466,11 +466,9 @@ def test_100000_connections_over_1000_successive_servers_raise_no_error() -> Non
     100,000 of them must not make a later server fail to bind (EADDRINUSE, EADDRNOTAVAIL) or
     any client fail to connect. The clients close normally (no RST), as real ones do."""
     servers, clients_each = 1000, 100
-    ports: set[int] = set()
     with no_leaks():
         for _ in range(servers):
             with CommandServer(HELLO, verbose=False) as server:
-                ports.add(server.port)
                 clients = [Client(server.address, b"x") for _ in range(clients_each)]
                 run_clients(clients)
                 assert [(c.error, bytes(c.reply)) for c in clients] == [
@@ -479,4 +477,3 @@ def test_100000_connections_over_1000_successive_servers_raise_no_error() -> Non
                 records = server.wait_for_connections(clients_each, timeout=DEADLINE)
                 assert {record.outcome for record in records} == {Outcome.COMPLETED}
             server.check()
-    assert len(ports) == servers  # no port was handed out twice while its TIME_WAITs last
