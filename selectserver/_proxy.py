@@ -112,18 +112,37 @@ Target = tuple[int, Any]  # (address family, address) to connect to
 
 
 class _Side:
-    """One of a proxied connection's two sockets, and what we know of it."""
+    """One of a proxied connection's two sockets, and what we know of it.
 
-    __slots__ = ("blocked", "closed", "mask", "name", "readable", "reading", "sock")
+    The reactor dispatches each socket's readiness to its side, so a pass reads and writes
+    only what the selector reported (or what has not said EWOULDBLOCK yet).
+    """
 
-    def __init__(self, name: str, sock: socket.socket) -> None:
+    __slots__ = ("blocked", "closed", "mask", "name", "owner", "readable", "reading", "sock")
+
+    def __init__(self, name: str, sock: socket.socket, owner: ProxyConnection) -> None:
         self.name = name  # "client" or "server"
         self.sock = sock
+        self.owner = owner
         self.mask = 0  # what the selector watches
         self.reading = True  # it has not ended: there is more to read
-        self.readable = True  # no recv() has said EWOULDBLOCK in this pass
-        self.blocked = False  # a send() said EWOULDBLOCK in this pass
+        self.readable = True  # no recv() has found the socket empty since it was reported
+        self.blocked = False  # a send() said EWOULDBLOCK since the socket was reported
         self.closed = False
+
+    def on_event(self) -> None:
+        """The selector reported this socket: read and write it again."""
+        self.readable, self.blocked = True, False
+        self.owner.on_event()
+
+    def on_timer(self, now: float, when: float) -> None:  # timers are the connection's
+        self.owner.on_timer(now, when)
+
+    def crash(self, exc: BaseException) -> None:
+        self.owner.crash(exc)
+
+    def describe_work(self) -> str:
+        return self.owner.describe_work()
 
 
 class ProxyConnection:
@@ -150,7 +169,7 @@ class ProxyConnection:
     ) -> None:
         self.listener = listener
         self.record = record
-        self.client = _Side("client", sock)
+        self.client = _Side("client", sock, self)
         self.server: _Side | None = None
         self.up = Flow("upstream")  # client to server
         self.down = Flow("downstream")  # server to client
@@ -198,7 +217,7 @@ class ProxyConnection:
     # ---- handler interface --------------------------------------------------------------------
 
     def on_event(self) -> None:
-        """A socket is ready, or the loop came back to us."""
+        """A socket is ready (its side has marked it), or the loop came back to us."""
         if self._phase != _DONE:
             self._pump(time.monotonic())
 
@@ -234,8 +253,6 @@ class ProxyConnection:
     def _pump(self, now: float) -> None:
         """Move bytes until nothing can move, or the turn is over; then wait for what is next."""
         budget = CALLS_PER_TURN
-        for side in self._sides():
-            side.readable, side.blocked = True, False
         if self._phase == _CONNECTING:
             budget -= self._check_connected(now)
         if self._phase == _OPEN:
@@ -296,6 +313,8 @@ class ProxyConnection:
             self._lost(source, exc, now)
             return
         count = len(data)
+        if count < READ_SIZE:
+            source.readable = False  # it had no more: the selector says when it has
         if not count:
             source.reading = False
             self._set_end(source, "eof")
@@ -372,7 +391,7 @@ class ProxyConnection:
             sock.setblocking(False)
             code = sock.connect_ex(address)
             if code == 0 or (code in _IN_PROGRESS and family != AF_UNIX):
-                self.server = _Side("server", sock)
+                self.server = _Side("server", sock, self)
                 timeout = self.listener.timeout
                 self._deadline = None if timeout is None else now + timeout
                 return
@@ -558,7 +577,7 @@ class ProxyConnection:
         reactor = self.listener.reactor
         assert reactor is not None
         try:
-            reactor.update_interest(side.sock, self, side.mask, mask)
+            reactor.update_interest(side.sock, side, side.mask, mask)
         finally:
             side.mask = mask if reactor.is_registered(side.sock) else 0
 
@@ -586,7 +605,7 @@ class ProxyConnection:
         reactor = self.listener.reactor
         if side.mask and reactor is not None:
             try:
-                reactor.update_interest(side.sock, self, side.mask, 0)
+                reactor.update_interest(side.sock, side, side.mask, 0)
             except Exception:
                 pass  # already dropped by the selector
             side.mask = 0
