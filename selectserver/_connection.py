@@ -160,7 +160,6 @@ class Connection:
         "_tls",
         "listener",
         "machine",
-        "record",
         "sock",
     )
 
@@ -174,16 +173,17 @@ class Connection:
     ) -> None:
         self.listener = listener
         self.sock = sock
-        self.record = record
+        # The connection is its machine's caller (``__call__``), and the machine describes the
+        # record while it runs: no bound method is made per connection.
         self.machine = StepMachine(
             script,
             record,
             now=now,
             timeout=listener.timeout,
             server=listener.owner,
-            call=self._call,
+            call=self,
         )
-        record._describe = self.machine.describe
+        record._describer = self.machine  # dropped by the record when it ends
         self._mask = 0
         self._timer: list[object] | None = None  # the one armed timer's heap entry
         self._timer_at = 0.0
@@ -191,6 +191,11 @@ class Connection:
         self._out: memoryview | None = None  # ciphertext not yet sent
         self._out_plain = 0  # plaintext bytes _out carries, reported to the machine once sent
         self._closed = False
+
+    @property
+    def record(self) -> ConnectionRecord:
+        """The connection's record (its machine's)."""
+        return self.machine.record
 
     def start(self, now: float) -> None:
         """Run the script's first steps."""
@@ -255,8 +260,9 @@ class Connection:
             self.machine.resume(steps, now)
             self._pump(now)
 
-    def _call(self, fn: Callable[[Any], object], context: Any, label: str) -> object:
-        """Run a Reply's function, warning when it holds the reactor thread too long."""
+    def __call__(self, fn: Callable[[Any], object], context: Any, label: str) -> object:
+        """Run a Reply's function, warning when it holds the reactor thread too long (the
+        machine's ``call``)."""
         started = time.perf_counter()
         try:
             return fn(context)

@@ -163,9 +163,22 @@ class Done:
 
 
 Action = Union[Receive, Send, Wait, ShutdownWrite, Handshake, Park, Close, Done]
+# Actions are immutable: those that carry no time are made once and shared.
+_DONE_ACTIONS = {outcome: Done(outcome) for outcome in Outcome}
+_CLOSE_ACTIONS = {reset: Close(reset) for reset in (False, True)}
+_RECEIVE_FOREVER = Receive(None)
 #: Runs a Reply's function, or the check of the steps it returned: ``call(fn, argument,
 #: label)`` (the executor times it).
 Caller = Callable[[Callable[[Any], Any], Any, str], Any]
+
+
+def _no_server() -> object:
+    return None
+
+
+def _call_directly(fn: Callable[[Any], Any], context: Any, label: str) -> Any:
+    return fn(context)
+
 
 #: A throttled send hands out slices worth this many seconds of its rate.
 THROTTLE_SLICE_SECONDS = 0.01
@@ -198,7 +211,6 @@ class StepMachine:
         "_action",
         "_buffer",
         "_call",
-        "_drain_until",
         "_drained",
         "_frames",
         "_fresh",
@@ -218,7 +230,6 @@ class StepMachine:
         "_state",
         "_step",
         "_step_bytes",
-        "_step_sent",
         "_steps",
         "_taken",
         "_timeout",
@@ -233,8 +244,8 @@ class StepMachine:
         *,
         now: float,
         timeout: float | None = None,
-        server: Callable[[], object] = lambda: None,
-        call: Caller = lambda fn, context, label: fn(context),
+        server: Callable[[], object] = _no_server,
+        call: Caller = _call_directly,
     ) -> None:
         """Start running ``steps`` at time ``now``.
 
@@ -252,7 +263,9 @@ class StepMachine:
         self._timeout = timeout
         self._server = server
         self._call = call
-        self._frames = [_Frame(steps, None)]
+        # The script's own position is _index; _frames holds only the nested sequences
+        # (Repeats, a Reply's steps, a gate's resume steps), made when the first one starts.
+        self._frames: list[_Frame] | None = None
         self._fresh = False  # an endless Repeat's iteration has had no byte yet
         self._last = b""  # the latest completed receive step's bytes
         self._state: dict[str, Any] | None = None  # Reply's per-connection dict
@@ -260,22 +273,20 @@ class StepMachine:
         self._step: Step | None = None
         self._phase = _RUNNING
         self._outcome = Outcome.COMPLETED  # how the script ended, once it has
-        self._buffer = bytearray()  # read, not yet taken by a receive step
+        self._buffer: bytearray | None = None  # read, not yet taken by a receive step
         self._searched = 0  # how much of _buffer the current ReadUntil/Expect has searched
         self._search_due: float | None = None  # when a deferred Expect search runs
         self._taken = 0  # bytes the current count step has read
-        self._step_bytes = bytearray()  # what the current count step keeps
+        self._step_bytes: bytearray | None = None  # what the current count step keeps
         self._progress = now  # when the peer last moved bytes, or the step began
         self._rate: float | None = None  # Throttle's bytes per second
         self._next_send = now  # a throttled send may not start before this
         self._view: memoryview | None = None  # unsent part of the current slice
         self._rest: memoryview | None = None  # the current send step after this slice
         self._sent_root: memoryview | None = None  # the current send step's whole payload
-        self._step_sent = 0  # how much of it the socket took
         self._rng: random.Random | None = None  # jitter of the current Delay/Drip
-        self._drain_until = 0.0
         self._drained = 0
-        self._action: Action = Done(Outcome.COMPLETED)
+        self._action: Action = _DONE_ACTIONS[Outcome.COMPLETED]
         self._next_step(now)
 
     # ---- what the connection wants ------------------------------------------------------------
@@ -303,7 +314,7 @@ class StepMachine:
             return _CLOSING_WORDS[self._phase]
         where = f"step {self._index} ({self._label()})"
         if isinstance(action, Receive):
-            got = len(self._buffer) + self._taken
+            got = len(self._buffer or b"") + self._taken
             if self._step is Command.STALL:
                 return f"{where}: stalling until the peer closes"
             return f"{where}: waiting for data (has {got} bytes of this step)"
@@ -352,7 +363,11 @@ class StepMachine:
         if step.min_bytes:
             done = self._take_count(step, data)
         else:
-            self._buffer += data
+            buffer = self._buffer
+            if buffer is None:
+                self._buffer = bytearray(data)
+            else:
+                buffer += data
             done = self._try_read(step, now)
         if done:
             self._next_step(now)
@@ -364,10 +379,12 @@ class StepMachine:
             return
         self._progress = now
         view = action.data
-        root = self._sent_root
+        root, rest = self._sent_root, self._rest
         assert root is not None
-        self._step_sent += count
-        self.record.add_sent(root[: self._step_sent], extend=self._step_sent > count)
+        assert rest is not None
+        # What the socket has taken of the step: all but the rest and this slice's unsent part.
+        sent = len(root) - len(rest) - len(view) + count
+        self.record.add_sent(root[:sent], extend=sent > count)
         if count < len(view):
             self._view = view[count:]
             self._action = Send(self._view, self._deadline(), action.raw)
@@ -390,7 +407,12 @@ class StepMachine:
         if isinstance(self._action, Close):
             self._end_record(now)
             self._phase = _DONE
-            self._action = Done(self._outcome)
+            self._action = _DONE_ACTIONS[self._outcome]
+            # No Reply runs now: let go of the caller (the executor, which holds this machine:
+            # both are freed as soon as it is dropped), the server and the Reply state.
+            self._call = _call_directly
+            self._server = _no_server
+            self._state = None
 
     def tick(self, now: float) -> None:
         """Time has passed: end a wait whose time has come, or time out a silent peer."""
@@ -404,7 +426,9 @@ class StepMachine:
                 self._next_step(now)
             return
         if self._phase == _DRAINING:
-            if now >= self._drain_until:
+            # The drain's Receive carries when it gives up.
+            deadline = action.deadline if isinstance(action, Receive) else None
+            if deadline is not None and now >= deadline:
                 self._close(reset=False)
             return
         if self._phase == _SHUTTING:
@@ -448,7 +472,7 @@ class StepMachine:
         (compiled), then the rest of the script."""
         if isinstance(self._action, Park):
             if steps:
-                self._frames.append(_Frame(steps, None))
+                self._push(_Frame(steps, None))
             self._next_step(now)
 
     def tls_started(self, now: float) -> None:
@@ -484,8 +508,15 @@ class StepMachine:
 
     def _in_endless_repeat(self) -> bool:
         return any(
-            frame.repeat is not None and frame.repeat.times is None for frame in self._frames
+            frame.repeat is not None and frame.repeat.times is None for frame in self._frames or ()
         )
+
+    def _push(self, frame: _Frame) -> None:
+        """Run ``frame``'s steps next, then carry on where the machine is now."""
+        if self._frames is None:
+            self._frames = [frame]
+        else:
+            self._frames.append(frame)
 
     def _deadline(self) -> float | None:
         timeout = self._timeout
@@ -518,8 +549,6 @@ class StepMachine:
             frame = frames[-1]
             frame.index += 1
             if frame.index < len(frame.steps):
-                if len(frames) == 1:
-                    self._index = self.record.step = frame.index
                 return frame.steps[frame.index]
             repeat = frame.repeat
             if repeat is not None:
@@ -529,7 +558,12 @@ class StepMachine:
                     self._fresh = True
                     continue
             frames.pop()
-        self._index = len(self._steps)
+        steps = self._steps
+        index = self._index + 1
+        if index < len(steps):
+            self._index = self.record.step = index
+            return steps[index]
+        self._index = len(steps)
         return None
 
     def _next_step(self, now: float) -> None:
@@ -571,7 +605,7 @@ class StepMachine:
                 self._next_send = now
                 continue
             if isinstance(step, Repeat):
-                self._frames.append(_Frame(step.steps, step))
+                self._push(_Frame(step.steps, step))
                 self._fresh = True
                 continue
             if isinstance(step, Reply):
@@ -592,7 +626,7 @@ class StepMachine:
                 return
             if step is Command.STALL:
                 self._discard_buffer()
-                self._action = Receive(None)
+                self._action = _RECEIVE_FOREVER
                 return
             assert step in _SCRIPT_ENDS, step
             self._end_script(_SCRIPT_ENDS[step], now)
@@ -602,7 +636,6 @@ class StepMachine:
     def _start_send(self, step: SendStep, now: float) -> None:
         # Slices of the caller's buffer are sent: no copies.
         self._rest = self._sent_root = memoryview(step.data)
-        self._step_sent = 0
         self._rng = random.Random(step.seed) if step.jitter else None
         self._send_slice(now)
 
@@ -650,34 +683,43 @@ class StepMachine:
             except (TypeError, ValueError) as exc:
                 self.fail(f"it returned bad steps: {exc}", now)
                 return False
-            self._frames.append(_Frame(steps, None))
+            self._push(_Frame(steps, None))
             return True
         self.fail(f"it must return str, bytes or a list of steps, got {_short(result)}", now)
         return False
 
     def _try_read(self, step: ReadStep, now: float, *, deferred: bool = False) -> bool:
         """Complete ``step`` from the buffer if its condition holds; True if it did."""
-        buffer = self._buffer
         record = self.record
         if step.min_bytes:
-            if not buffer:
+            if not self._buffer:
                 return False
-            data = bytes(buffer)
-            buffer.clear()
+            data = bytes(self._buffer)
+            self._buffer = None
             return self._take_count(step, data)
+        # Nothing buffered: a delimiter or a pattern is looked for in no bytes, without making
+        # a buffer; a frame function is handed an empty buffer of its own.
+        buffer: bytearray | bytes
+        if self._buffer is not None:
+            buffer = self._buffer
+        elif step.frame is not None:
+            buffer = self._buffer = bytearray()
+        else:
+            buffer = b""
         if step.delimiter is not None:
             start = max(0, self._searched - len(step.delimiter) + 1)
             found = buffer.find(step.delimiter, start)
             end = -1 if found < 0 else found + len(step.delimiter)
             self._searched = len(buffer)
         elif step.frame is not None:
+            assert isinstance(buffer, bytearray)
             try:
                 end = step.frame(buffer)
             except ValueError as exc:
                 self._end_early(Outcome.ERROR, str(exc), now, failed=True)
                 return False
         else:
-            end = self._search(step, now, deferred)
+            end = self._search(step, buffer, now, deferred)
         if end < 0:
             if len(buffer) > record.max_receive:
                 self._end_early(
@@ -690,15 +732,18 @@ class StepMachine:
                 self._action = Receive(self._wake())  # with a deferred search's deadline, or not
             return False
         data = bytes(buffer[:end])
-        del buffer[:end]
+        if end:
+            assert isinstance(buffer, bytearray)  # not the empty stand-in
+            del buffer[:end]
+        if not buffer:
+            self._buffer = None  # an idle connection keeps no empty buffer
         self._last = record.keep(data)
         record.add_received(self._last, self._index)
         return True
 
-    def _search(self, step: ReadStep, now: float, deferred: bool) -> int:
-        """Where ``step``'s regex match in the buffer ends, or -1 (see SEARCH_EAGERLY_BELOW)."""
+    def _search(self, step: ReadStep, buffer: bytearray | bytes, now: float, deferred: bool) -> int:
+        """Where ``step``'s regex match in ``buffer`` ends, or -1 (see SEARCH_EAGERLY_BELOW)."""
         assert step.regex is not None
-        buffer = self._buffer
         width = step.max_width
         if width is not None:
             # A match the last search did not find must end in the new bytes.
@@ -722,13 +767,18 @@ class StepMachine:
         record = self.record
         self._taken += len(data)
         kept = record.keep(data)
+        pending = self._step_bytes
         if self._taken < step.min_bytes:
-            self._step_bytes += kept
+            if pending is None:
+                self._step_bytes = bytearray(kept)
+            else:
+                pending += kept
             return False
-        if self._step_bytes:
-            self._step_bytes += kept
-            kept = bytes(self._step_bytes)
-            self._step_bytes.clear()
+        if pending is not None:
+            if pending:
+                pending += kept
+                kept = bytes(pending)
+            self._step_bytes = None
         self._taken = 0
         self._last = kept
         record.add_received(kept, self._index)
@@ -789,8 +839,10 @@ class StepMachine:
             self._discard_buffer()
 
     def _discard_buffer(self) -> None:
-        self.record.discarded += len(self._buffer)
-        self._buffer.clear()
+        buffer = self._buffer
+        if buffer is not None:
+            self.record.discarded += len(buffer)
+            self._buffer = None
 
     # ---- the end ------------------------------------------------------------------------------
 
@@ -807,9 +859,11 @@ class StepMachine:
             return
         step = self._step
         if isinstance(step, ReadStep):
-            partial = bytes(self._step_bytes) + self.record.keep(bytes(self._buffer))
-            self._step_bytes.clear()
-            self._buffer.clear()
+            pending, buffer = self._step_bytes, self._buffer
+            partial = (bytes(pending) if pending else b"") + self.record.keep(
+                bytes(buffer) if buffer else b""
+            )
+            self._step_bytes = self._buffer = None
             if partial:
                 self.record.add_received(partial, self._index)
             if step.must_match:
@@ -838,12 +892,11 @@ class StepMachine:
         """The FIN is out: the record ends, and the peer's last bytes are read and dropped."""
         self._end_record(now)
         self._phase = _DRAINING
-        self._drain_until = now + DRAIN_SECONDS
-        self._action = Receive(self._drain_until)
+        self._action = Receive(now + DRAIN_SECONDS)
 
     def _close(self, *, reset: bool) -> None:
         self._phase = _CLOSING
-        self._action = Close(reset)
+        self._action = _CLOSE_ACTIONS[reset]
 
     def _end_record(self, now: float) -> None:
         self.record.end(self._outcome, None, now, self._index)

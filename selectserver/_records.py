@@ -15,7 +15,7 @@ import enum
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Protocol, Union
 
 __all__ = ["DEFAULT_MAX_RECEIVE", "ConnectionRecord", "Latch", "Outcome", "ServerLog", "Signal"]
 
@@ -179,7 +179,85 @@ class Outcome(enum.Enum):
         return f"Outcome.{self.name}"
 
 
-@dataclass(eq=False)
+class _Sink(Protocol):
+    """Who hears of a record's received bytes and of its end: its :class:`ServerLog`."""
+
+    def _received(self, data: bytes) -> None: ...
+
+    def _end(self, record: ConnectionRecord) -> None: ...
+
+
+class _Describes(Protocol):
+    """What says what a running connection waits for: its step machine."""
+
+    def describe(self) -> str: ...
+
+
+class _Hooks:
+    """A :class:`_Sink` made of two callables (``ConnectionRecord(_on_received=, _on_end=)``)."""
+
+    __slots__ = ("_on_end", "_on_received")
+
+    def __init__(
+        self,
+        on_received: Callable[[bytes], None] | None,
+        on_end: Callable[[ConnectionRecord], None] | None,
+    ) -> None:
+        self._on_received = on_received
+        self._on_end = on_end
+
+    def _received(self, data: bytes) -> None:
+        if self._on_received is not None:
+            self._on_received(data)
+
+    def _end(self, record: ConnectionRecord) -> None:
+        if self._on_end is not None:
+            self._on_end(record)
+
+
+class _Describer:
+    """A :class:`_Describes` made of a callable (``ConnectionRecord(_describe=)``)."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[[], str]) -> None:
+        self._fn = fn
+
+    def describe(self) -> str:
+        return self._fn()
+
+
+class _Rare:
+    """The attributes of a record that most connections leave at their defaults.
+
+    Every record starts with the one shared :data:`_DEFAULTS` (never written), and gets a
+    :class:`_Rare` of its own the first time one of them changes.
+    """
+
+    __slots__ = ("discarded", "dropped", "peer_certificate", "tls")
+
+    def __init__(self) -> None:
+        self.tls = False
+        self.peer_certificate: dict[str, object] | None = None
+        self.discarded = 0
+        self.dropped = 0
+
+
+_DEFAULTS = _Rare()
+
+#: A piece of what a connection sent: a send step's whole payload (bytes), or a view of it.
+_Piece = Union[bytes, memoryview]
+
+
+def _piece(view: memoryview) -> _Piece:
+    """``view`` as it is kept: the payload itself when the view covers all of a bytes object
+    (a view costs 184 bytes, the script already holds the payload), else the view."""
+    obj = view.obj
+    if type(obj) is bytes and view.nbytes == len(obj):
+        return obj
+    return view
+
+
 class ConnectionRecord:
     """The transcript of one accepted connection, updated live by the reactor.
 
@@ -203,34 +281,189 @@ class ConnectionRecord:
         discarded: bytes read and thrown away (during ``STALL`` and the drain after the end).
         dropped: bytes received but not kept because of ``max_receive``.
         max_receive: how many received bytes this record keeps at most.
+
+    A server keeps one record per connection for as long as it lives, so a record is small:
+    slots only; ``tls``, ``peer_certificate``, ``discarded`` and ``dropped`` share one object
+    of defaults until one of them changes; what was sent is kept as the send
+    steps' own payloads (a view only for a step sent in part); and once the connection has
+    ended the record no longer refers to its step machine, socket or executor.
     """
 
-    index: int
-    peer: object
-    accepted_at: float = field(default_factory=time.monotonic)
-    received: list[bytes] = field(default_factory=list)
-    outcome: Outcome | None = None
-    failure: str | None = None
-    detail: str | None = None
-    ended_at: float | None = None
-    step: int = 0
-    half_closed: bool = False
-    tls: bool = False
-    peer_certificate: dict[str, object] | None = None
-    discarded: int = 0
-    dropped: int = 0
-    max_receive: int = DEFAULT_MAX_RECEIVE
-    kept: int = field(default=0, repr=False)
-    bytes_sent: int = field(default=0, repr=False)
-    _sent: list[memoryview] = field(default_factory=list, repr=False)  # one view per send step
-    _on_received: Callable[[bytes], None] | None = field(default=None, repr=False)
-    _on_end: Callable[[ConnectionRecord], None] | None = field(default=None, repr=False)
-    _describe: Callable[[], str] | None = field(default=None, repr=False)
+    __slots__ = (
+        "_describer",
+        "_rare",
+        "_sends",
+        "_sink",
+        "accepted_at",
+        "bytes_sent",
+        "detail",
+        "ended_at",
+        "failure",
+        "half_closed",
+        "index",
+        "kept",
+        "max_receive",
+        "outcome",
+        "peer",
+        "received",
+        "step",
+    )
+
+    __match_args__ = (
+        "index",
+        "peer",
+        "accepted_at",
+        "received",
+        "outcome",
+        "failure",
+        "detail",
+        "ended_at",
+        "step",
+        "half_closed",
+        "tls",
+        "peer_certificate",
+        "discarded",
+        "dropped",
+        "max_receive",
+    )
+
+    def __init__(
+        self,
+        index: int,
+        peer: object,
+        accepted_at: float | None = None,
+        received: list[bytes] | None = None,
+        outcome: Outcome | None = None,
+        failure: str | None = None,
+        detail: str | None = None,
+        ended_at: float | None = None,
+        step: int = 0,
+        half_closed: bool = False,
+        tls: bool = False,
+        peer_certificate: dict[str, object] | None = None,
+        discarded: int = 0,
+        dropped: int = 0,
+        max_receive: int = DEFAULT_MAX_RECEIVE,
+        kept: int = 0,
+        bytes_sent: int = 0,
+        _sent: list[memoryview] | None = None,
+        _on_received: Callable[[bytes], None] | None = None,
+        _on_end: Callable[[ConnectionRecord], None] | None = None,
+        _describe: Callable[[], str] | None = None,
+        *,
+        _sink: _Sink | None = None,
+    ) -> None:
+        self.index = index
+        self.peer = peer
+        self.accepted_at = time.monotonic() if accepted_at is None else accepted_at
+        self.received: list[bytes] = [] if received is None else received
+        self.outcome = outcome
+        self.failure = failure
+        self.detail = detail
+        self.ended_at = ended_at
+        self.step = step
+        self.half_closed = half_closed
+        self._rare = _DEFAULTS
+        self.tls = tls
+        self.peer_certificate = peer_certificate
+        self.discarded = discarded
+        self.dropped = dropped
+        self.max_receive = max_receive
+        self.kept = kept
+        self.bytes_sent = bytes_sent
+        # None, one piece, or a list of them: one per send step (most send one or two).
+        self._sends: _Piece | list[_Piece] | None = None
+        for view in _sent or ():
+            self._add_piece(_piece(view))
+        if _sink is None and (_on_received is not None or _on_end is not None):
+            _sink = _Hooks(_on_received, _on_end)
+        self._sink = _sink
+        # What the running connection waits for (its step machine); None once it has ended.
+        self._describer: _Describes | None = None if _describe is None else _Describer(_describe)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
+        return f"{type(self).__qualname__}({fields})"
+
+    # ---- the rare attributes ------------------------------------------------------------------
+
+    def _own_rare(self) -> _Rare:
+        rare = self._rare
+        if rare is _DEFAULTS:
+            rare = self._rare = _Rare()
+        return rare
+
+    @property
+    def tls(self) -> bool:
+        """Whether a TLS session was established."""
+        return self._rare.tls
+
+    @tls.setter
+    def tls(self, value: bool) -> None:
+        if value or self._rare is not _DEFAULTS:
+            self._own_rare().tls = value
+
+    @property
+    def peer_certificate(self) -> dict[str, object] | None:
+        """The client's verified certificate (``getpeercert()``), or None."""
+        return self._rare.peer_certificate
+
+    @peer_certificate.setter
+    def peer_certificate(self, value: dict[str, object] | None) -> None:
+        if value is not None or self._rare is not _DEFAULTS:
+            self._own_rare().peer_certificate = value
+
+    @property
+    def discarded(self) -> int:
+        """Bytes read and thrown away (during ``STALL`` and the drain after the end)."""
+        return self._rare.discarded
+
+    @discarded.setter
+    def discarded(self, value: int) -> None:
+        if value or self._rare is not _DEFAULTS:
+            self._own_rare().discarded = value
+
+    @property
+    def dropped(self) -> int:
+        """Bytes received but not kept because of ``max_receive``."""
+        return self._rare.dropped
+
+    @dropped.setter
+    def dropped(self, value: int) -> None:
+        if value or self._rare is not _DEFAULTS:
+            self._own_rare().dropped = value
+
+    # ---- what was sent ------------------------------------------------------------------------
+
+    def _pieces(self) -> list[_Piece]:
+        sends = self._sends
+        if sends is None:
+            return []
+        if isinstance(sends, list):
+            return list(sends)  # a copy: the reactor may append meanwhile
+        return [sends]
+
+    def _add_piece(self, piece: _Piece) -> None:
+        sends = self._sends
+        if sends is None:
+            self._sends = piece
+        elif isinstance(sends, list):
+            sends.append(piece)
+        else:
+            self._sends = [sends, piece]
+
+    @property
+    def _sent(self) -> list[memoryview]:
+        """One view per send step, of the step's payload (never a copy)."""
+        return [
+            piece if isinstance(piece, memoryview) else memoryview(piece)
+            for piece in self._pieces()
+        ]
 
     @property
     def sent(self) -> bytes:
         """Every byte the server sent on this connection."""
-        return b"".join(list(self._sent))
+        return b"".join(self._pieces())
 
     @property
     def ended(self) -> bool:
@@ -239,9 +472,10 @@ class ConnectionRecord:
 
     def waiting_for(self) -> str:
         """What the connection is waiting for now, in words."""
+        describer = self._describer  # read first: it is dropped only after outcome is set
         if self.outcome is not None:
             return f"ended: {self.outcome.value}"
-        return self._describe() if self._describe is not None else "starting"
+        return describer.describe() if describer is not None else "starting"
 
     def keep(self, data: bytes) -> bytes:
         """What of ``data`` fits under ``max_receive``; the rest is counted in ``dropped``."""
@@ -256,21 +490,25 @@ class ConnectionRecord:
         """A receive step got ``data``."""
         self.step = step
         self.received.append(data)
-        if self._on_received is not None:
-            self._on_received(data)
+        if self._sink is not None:
+            self._sink._received(data)
 
     def add_sent(self, data: memoryview, *, extend: bool = False) -> None:
         """The peer's socket took ``data``: a view of a send step's payload, never copied.
 
         With ``extend``, ``data`` is the same step's sent part so far, replacing the last view:
-        a step sent in many slices keeps one view.
+        a step sent in many slices keeps one view (or, once all of it is sent, its payload).
         """
-        sent = self._sent
-        if extend and sent:
-            self.bytes_sent += len(data) - len(sent[-1])
-            sent[-1] = data
+        sends = self._sends
+        if extend and sends is not None:
+            if isinstance(sends, list):
+                self.bytes_sent += len(data) - len(sends[-1])
+                sends[-1] = _piece(data)
+            else:
+                self.bytes_sent += len(data) - len(sends)
+                self._sends = _piece(data)
         else:
-            sent.append(data)
+            self._add_piece(_piece(data))
             self.bytes_sent += len(data)
 
     def end(self, outcome: Outcome, failure: str | None, now: float, step: int) -> None:
@@ -282,8 +520,9 @@ class ConnectionRecord:
             self.failure = failure
         self.ended_at = now
         self.outcome = outcome
-        if self._on_end is not None:
-            self._on_end(self)
+        self._describer = None  # the record outlives the machine: let it go
+        if self._sink is not None:
+            self._sink._end(self)
 
     def describe(self) -> str:
         """One line: who, how it ended, what moved."""
@@ -310,6 +549,7 @@ class ServerLog:
         "_ended",
         "_extra_on_end",
         "_extra_on_received",
+        "_host",
         "_signal",
         "connections",
         "failures",
@@ -334,16 +574,26 @@ class ServerLog:
         self._signal: Signal | None = None
         self._extra_on_received = on_received
         self._extra_on_end = on_end
+        self._host: str | None = None  # the latest peer's host, shared by equal ones
 
     def new_connection(self, peer: object, now: float) -> ConnectionRecord:
-        """Start the record of a connection accepted at ``now``."""
+        """Start the record of a connection accepted at ``now``.
+
+        The peer's host string is the previous record's when they are equal (a test's
+        clients all come from one address): each record keeps its port, not another copy.
+        """
+        if type(peer) is tuple and peer and type(peer[0]) is str:
+            host = self._host
+            if peer[0] == host:
+                peer = (host, *peer[1:])
+            else:
+                self._host = peer[0]
         record = ConnectionRecord(
             len(self.connections),
             peer,
             accepted_at=now,
             max_receive=self.max_receive,
-            _on_received=self._received,
-            _on_end=self._end,
+            _sink=self,
         )
         self.connections.append(record)
         return record
