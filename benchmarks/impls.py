@@ -75,7 +75,7 @@ class _SelectServerGroup:
     def __init__(self, script: Script, n: int) -> None:
         steps = [selectserver.RECEIVE if step == 1 else step for step in script]
         self.servers = [selectserver.CommandServer(steps, verbose=False) for _ in range(n)]
-        self.addresses = [(server.host, server.port) for server in self.servers]
+        self.addresses = [server.address for server in self.servers]
 
     def settle(self) -> None:
         deadline = time.monotonic() + WAIT_SECONDS

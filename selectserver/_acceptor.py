@@ -136,7 +136,9 @@ class Acceptor(abc.ABC):
         self.log = log  # has add_failure(message)
         self.verbose = verbose
         self.max_connections = max_connections
-        self.connections: dict[Any, None] = {}  # a set, in a quarter of the memory
+        # A dict as a set (a quarter of the memory), made by the first connection: until then
+        # a shared empty tuple. Changed only on the reactor thread; others only read it.
+        self.connections: dict[Any, None] | tuple[()] = ()
         self.accepted = 0
         # Made by the thread that closes the server, set by the reactor once it is closed.
         self.closed: Latch | None = None
@@ -259,7 +261,7 @@ class Acceptor(abc.ABC):
         """
         for connection in list(self.connections):
             connection.drop_sockets()
-        self.connections.clear()
+        self.connections = ()
         for sock in (self.sock, self._held):
             if sock is not None:
                 try:
@@ -268,9 +270,19 @@ class Acceptor(abc.ABC):
                     pass
         self.sock = self._held = None
 
+    def keep(self, connection: object) -> None:
+        """``connection`` is live: close it with the server."""
+        connections = self.connections
+        if isinstance(connections, dict):
+            connections[connection] = None
+        else:
+            self.connections = {connection: None}
+
     def forget(self, connection: object) -> None:
         """``connection`` has closed its socket."""
-        self.connections.pop(connection, None)
+        connections = self.connections
+        if isinstance(connections, dict):
+            connections.pop(connection, None)
 
     # ---- control (reactor thread) -------------------------------------------------------------
 

@@ -93,15 +93,25 @@ class Listener(Acceptor):
         self.scripts = scripts
         self.timeout = timeout
         self.script_base = 0  # connection index from which ``scripts`` counts (set_scripts)
-        self.gates: dict[str, GateState] = {}
+        self.gates: dict[str, GateState] | None = None  # made by the first gate
         self.owner: Callable[[], object] = _nobody  # the public server, weakly
 
     def close(self, now: float) -> None:
         """Close the listening socket and every connection; no one will reach a gate now."""
-        for gate in list(self.gates.values()):
+        for gate in list(self.gates.values()) if self.gates is not None else ():
             gate.closed = True
             gate.signal.notify()
         super().close(now)
+
+    def gate_state(self, name: str) -> GateState:
+        """Gate ``name``'s state, made on first use (reactor thread only)."""
+        gates = self.gates
+        if gates is None:
+            gates = self.gates = {}
+        gate = gates.get(name)
+        if gate is None:
+            gate = gates[name] = GateState(name)
+        return gate
 
     def set_scripts(self, scripts: tuple[tuple[Step, ...], ...]) -> None:
         """Later connections run ``scripts``, counting from 0 again."""
@@ -110,9 +120,7 @@ class Listener(Acceptor):
 
     def park(self, connection: Connection, name: str, now: float) -> bool:
         """``connection`` reached gate ``name``: True if the gate is open (it passes)."""
-        gate = self.gates.get(name)
-        if gate is None:
-            gate = self.gates.setdefault(name, GateState(name))
+        gate = self.gate_state(name)
         if gate.opened:
             connection.machine.resume((), now)
             return True
@@ -140,7 +148,7 @@ class Listener(Acceptor):
             record.end(Outcome.ERROR, None, now, 0)
             self.event("#%d failed to start: %s", index, exc)
             return
-        self.connections[connection] = None
+        self.keep(connection)
         try:
             connection.start(now)
         except Exception as exc:

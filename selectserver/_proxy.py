@@ -701,7 +701,7 @@ class ProxyListener(Acceptor):
             record.failure = f"starting the connection failed: {describe_error(exc)}"
             record.end(Outcome.ERROR, None, now)
             return
-        self.connections[connection] = None
+        self.keep(connection)
         try:
             for handle in self.faults:
                 connection.apply(handle, now)

@@ -565,7 +565,8 @@ class ServerLog:
     ) -> None:
         self.max_receive = max_receive
         self.received: list[bytes] = []
-        self.connections: list[ConnectionRecord] = []
+        # A shared empty tuple until the first connection (many servers never get one).
+        self.connections: list[ConnectionRecord] | tuple[()] = ()
         # Made by the reactor thread when first needed (most servers never fail, many are
         # closed without waiting): a test thread only reads them.
         self.failures: list[str] | None = None
@@ -595,7 +596,11 @@ class ServerLog:
             max_receive=self.max_receive,
             _sink=self,
         )
-        self.connections.append(record)
+        connections = self.connections
+        if isinstance(connections, list):
+            connections.append(record)
+        else:
+            self.connections = [record]
         return record
 
     def add_failure(self, message: str) -> None:

@@ -204,7 +204,7 @@ class _Endpoint(abc.ABC):
         name = self._sock_name
         if not isinstance(name, tuple):
             raise AttributeError(f"a Unix-domain server has no host or port; its path is {name!r}")
-        return (name[0], name[1])
+        return name
 
     @property
     def host(self) -> str:
@@ -499,11 +499,28 @@ class CommandServer(_Served):
             self._gates = {}
         control = self._gates.get(name)
         if control is None:
-            state = self._listener.gates.setdefault(name, GateState(name))
-            if self._closing:
-                state.closed = True
-            control = self._gates.setdefault(name, GateControl(state, self._reactor))
+            control = self._gates.setdefault(
+                name, GateControl(self._gate_state(name), self._reactor)
+            )
         return control
+
+    def _gate_state(self, name: str) -> GateState:
+        """Gate ``name``'s state, from the reactor thread (which also makes the states of
+        gates that connections reach first, so one thread makes them all)."""
+        listener = self._listener
+        if threading.current_thread() is self._reactor.thread:
+            return listener.gate_state(name)
+        states: list[GateState] = []
+        if not self._closing:
+            try:
+                self._run(lambda: states.append(listener.gate_state(name)))
+            except RuntimeError:
+                pass  # closed meanwhile
+        if states:
+            return states[0]
+        state = GateState(name)  # closed: no connection will reach it
+        state.closed = True
+        return state
 
     def set_scripts(self, *scripts: object) -> None:
         """Later connections run ``scripts`` (connection k of them runs ``scripts[k]``, counting
