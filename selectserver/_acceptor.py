@@ -357,10 +357,9 @@ class Acceptor(abc.ABC):
     def _listen(self, on: bool) -> None:
         mask = READ if on else 0
         if self.sock is not None and self.reactor is not None and mask != self._mask:
-            try:
-                self.reactor.update_interest(self.sock, self, self._mask, mask)
-            finally:
-                self._mask = mask if self.reactor.is_registered(self.sock) else 0
+            old, self._mask = self._mask, 0  # registered for nothing if the selector refuses
+            self.reactor.update_interest(self.sock, self, old, mask)
+            self._mask = mask
 
     def _pause(self) -> None:
         self._listen(False)

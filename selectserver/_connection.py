@@ -503,10 +503,9 @@ class Connection:
         reactor = self.listener.reactor
         assert reactor is not None
         if mask != self._mask:
-            try:
-                reactor.update_interest(self.sock, self, self._mask, mask)
-            finally:
-                self._mask = mask if reactor.is_registered(self.sock) else 0
+            old, self._mask = self._mask, 0  # registered for nothing if the selector refuses
+            reactor.update_interest(self.sock, self, old, mask)
+            self._mask = mask
         if wake_at is not None and (self._timer is None or wake_at < self._timer_at):
             if self._timer is not None:
                 reactor.cancel(self._timer)

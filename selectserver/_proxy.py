@@ -576,10 +576,9 @@ class ProxyConnection:
             return
         reactor = self.listener.reactor
         assert reactor is not None
-        try:
-            reactor.update_interest(side.sock, side, side.mask, mask)
-        finally:
-            side.mask = mask if reactor.is_registered(side.sock) else 0
+        old, side.mask = side.mask, 0  # registered for nothing if the selector refuses
+        reactor.update_interest(side.sock, side, old, mask)
+        side.mask = mask
 
     def _arm_timer(self, when: float) -> None:
         """One timer at a time: an earlier time replaces it, a later one waits for it."""

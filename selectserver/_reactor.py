@@ -304,14 +304,6 @@ class Reactor:
         """Make sure ``fileobj`` is not in the selector (before closing it by force)."""
         self._unregister_quietly(fileobj)
 
-    def is_registered(self, fileobj: socket.socket) -> bool:
-        """Whether ``fileobj`` is in the selector."""
-        try:
-            self._selector.get_key(fileobj)
-        except (KeyError, ValueError, RuntimeError):
-            return False
-        return True
-
     def receive_buffer(self) -> memoryview:
         """Where this reactor's connections receive (only its thread uses it).
 
