@@ -58,6 +58,19 @@ CLOSE_TIMEOUT = 30.0
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
+def _resolve(host: str, port: int) -> tuple[int, int, int, tuple[Any, ...]]:
+    """Family, type, protocol and address to bind ``(host, port)``; an IPv4 literal (the
+    usual host) without a getaddrinfo() call."""
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+    except (OSError, ValueError):
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        return family, kind, proto, address
+    return socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, (host, port)
+
+
 def _bind(
     host: str, port: int, *, listen: bool, backlog: int = socket.SOMAXCONN, reuse: bool = True
 ) -> socket.socket:
@@ -65,9 +78,7 @@ def _bind(
     _check_int("port", port, 0, 65535)
     if not isinstance(host, str):
         raise TypeError(f"host must be a str, got {host!r}")
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    family, kind, proto, address = _resolve(host, port)
     ports = _ports.candidates() if port == 0 and family in _IP_FAMILIES else iter((port,))
     for candidate in ports:
         sock = socket.socket(family, kind, proto)
