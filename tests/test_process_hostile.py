@@ -625,3 +625,22 @@ def test_huge_payload_to_a_slow_reader() -> None:
     assert facts["rounds"] > 0
     assert facts["worst"] < 1.0
     assert facts["maxrss_kib"] < 1536 * 1024, f"peak RSS {facts['maxrss_kib']} KiB"
+
+
+# ---- the reactor idling through its grace period at exit -------------------------------------
+
+IDLE_AT_EXIT = r"""
+CANARY.close()
+with CommandServer([RECEIVE, "last"], verbose=True) as server:
+    assert round_trip(server.address) == b"last"
+report(running=statistics().running, servers=statistics().servers)
+# exit now, while the reactor idles in its grace period and the writer may still be up
+"""
+
+
+def test_a_process_exits_at_once_while_the_reactor_idles() -> None:
+    facts, proc, elapsed = run_program(IDLE_AT_EXIT)
+    assert facts == {"running": True, "servers": 0}
+    assert elapsed < PROMPT_EXIT
+    assert "SERVER:" in proc.stdout  # the last server's lines were written before exit
+    assert "Traceback" not in proc.stderr, proc.stderr

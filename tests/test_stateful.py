@@ -9,6 +9,7 @@ no file descriptor is left behind.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import struct
@@ -114,6 +115,7 @@ class ReactorMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         selectserver.stop_reactor()
+        gc.collect()  # sockets an earlier example dropped are closed now, not mid-count
         self.fds = open_fds()
         self.all_servers: list[Server] = []
         self.all_clients: list[Client] = []
@@ -219,6 +221,7 @@ class ReactorMachine(RuleBasedStateMachine):
         selectserver.stop_reactor()
         assert not statistics().running
         assert reactor_threads() == 0
+        gc.collect()
         assert open_fds() == self.fds
 
     def check_records(self, server: Server) -> None:
