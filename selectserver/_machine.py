@@ -277,7 +277,7 @@ class StepMachine:
         self._searched = 0  # how much of _buffer the current ReadUntil/Expect has searched
         self._search_due: float | None = None  # when a deferred Expect search runs
         self._taken = 0  # bytes the current count step has read
-        self._step_bytes: bytearray | None = None  # what the current count step keeps
+        self._step_bytes: list[bytes] | None = None  # the chunks the current count step keeps
         self._progress = now  # when the peer last moved bytes, or the step began
         self._rate: float | None = None  # Throttle's bytes per second
         self._next_send = now  # a throttled send may not start before this
@@ -770,14 +770,13 @@ class StepMachine:
         pending = self._step_bytes
         if self._taken < step.min_bytes:
             if pending is None:
-                self._step_bytes = bytearray(kept)
+                self._step_bytes = [kept]
             else:
-                pending += kept
+                pending.append(kept)  # joined once, at the end: no copy per chunk
             return False
         if pending is not None:
-            if pending:
-                pending += kept
-                kept = bytes(pending)
+            pending.append(kept)
+            kept = b"".join(pending)
             self._step_bytes = None
         self._taken = 0
         self._last = kept
@@ -860,7 +859,7 @@ class StepMachine:
         step = self._step
         if isinstance(step, ReadStep):
             pending, buffer = self._step_bytes, self._buffer
-            partial = (bytes(pending) if pending else b"") + self.record.keep(
+            partial = (b"".join(pending) if pending else b"") + self.record.keep(
                 bytes(buffer) if buffer else b""
             )
             self._step_bytes = self._buffer = None
