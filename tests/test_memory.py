@@ -23,6 +23,7 @@ from selectserver import RECEIVE, CommandServer, Outcome, compile_script
 from selectserver._connection import Connection
 from selectserver._machine import StepMachine, _Frame
 from selectserver._records import ConnectionRecord, ServerLog
+from selectserver._script import SendStep
 
 SOURCES = os.path.join(os.path.dirname(selectserver.__file__), "*")
 
@@ -64,9 +65,12 @@ def test_a_fresh_machine_makes_no_buffers_or_frames() -> None:
 
 
 def test_a_whole_send_keeps_the_payload_not_a_view() -> None:
-    payload = b"hello"
+    steps = compile_script([b"hello"])
+    (step,) = steps
+    assert isinstance(step, SendStep)
+    payload = step.data  # the script's own bytes (servers with this script share them)
     record = ConnectionRecord(0, "peer")
-    machine = StepMachine(compile_script([payload]), record, now=0.0)
+    machine = StepMachine(steps, record, now=0.0)
     machine.data_sent(2, 0.0)  # in part: a view of the payload, not a copy
     assert [o.obj for o in _reachable(record) if isinstance(o, memoryview)] == [payload]
     machine.data_sent(3, 0.0)
