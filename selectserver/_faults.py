@@ -41,7 +41,7 @@ import enum
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -471,11 +471,15 @@ class Flow:
             self._next_at = -math.inf  # no more waiting for a pace or a piece's delay
             self._piece_left = 0
 
-    def _faults(self, kind: type | tuple[type, ...]) -> list[_Active]:
+    def _faults(self, kind: type | tuple[type, ...]) -> Sequence[_Active]:
+        if not self._active:
+            return ()  # the usual case, on every chunk
         return [active for active in self._active if isinstance(active.fault, kind)]
 
     def _rate(self) -> float | None:
         """The bandwidth cap, if any (the lowest wins)."""
+        if not self._active:
+            return None
         rates = [a.fault.bytes_per_second for a in self._active if isinstance(a.fault, Bandwidth)]
         return min(rates) if rates else None
 
