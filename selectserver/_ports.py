@@ -4,13 +4,16 @@ A server usually closes its connections first, so each one leaves a TIME_WAIT en
 server's port for a minute. Linux's ``bind(port=0)`` searches the ephemeral range past every
 port that holds one: after 8,000 short-lived servers, each closing one connection, it takes
 about 1.5 ms instead of 10 us, and the range eventually runs out. Binding a named port is one
-hash lookup, and with ``SO_REUSEADDR`` a port held only by TIME_WAIT entries binds again.
+hash lookup.
 
 So on Linux servers walk the ephemeral range themselves, from a random start (so processes
 running tests side by side seldom meet), on odd ports as the kernel's ``bind(0)`` does (its
-``connect()`` prefers even ones), skipping the reserved ports. A port in use refuses the bind,
-and the server tries the next; after :data:`ATTEMPTS` refusals it lets the kernel choose.
-Elsewhere the kernel always chooses.
+``connect()`` prefers even ones), skipping the reserved ports. The walk moves on, so the ports
+behind it hold the TIME_WAIT entries and the ones ahead are almost always free. A walked port is
+bound without ``SO_REUSEADDR`` (set right after), so a port anyone holds, even only with
+TIME_WAIT entries or bound by another socket that is about to listen, refuses the bind and the
+server tries the next; after :data:`ATTEMPTS` refusals it lets the kernel choose. Elsewhere the
+kernel always chooses.
 """
 
 from __future__ import annotations

@@ -79,18 +79,22 @@ def _bind(
     if not isinstance(host, str):
         raise TypeError(f"host must be a str, got {host!r}")
     family, kind, proto, address = _resolve(host, port)
+    reuse = reuse and bool(getattr(socket, "SO_REUSEADDR", 0))
     ports = _ports.candidates() if port == 0 and family in _IP_FAMILIES else iter((port,))
     for candidate in ports:
+        walked = candidate != port
         sock = socket.socket(family, kind, proto)
         try:
-            if reuse and hasattr(socket, "SO_REUSEADDR") and socket.SO_REUSEADDR:
+            if reuse and not walked:
                 # Lets a port be bound again while old connections sit in TIME_WAIT; on POSIX
                 # it never lets two sockets listen on one port.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            return _listen(sock, (address[0], candidate, *address[2:]), listen, backlog)
+            return _listen(
+                sock, (address[0], candidate, *address[2:]), listen, backlog, reuse and walked
+            )
         except OSError as exc:
             sock.close()
-            if exc.errno != errno.EADDRINUSE or candidate == port:
+            if exc.errno != errno.EADDRINUSE or not walked:
                 raise
         except BaseException:
             sock.close()
@@ -117,9 +121,18 @@ def _bind_unix(path: str | bytes, backlog: int = socket.SOMAXCONN) -> socket.soc
 
 
 def _listen(
-    sock: socket.socket, address: tuple[Any, ...] | str | bytes, listen: bool, backlog: int
+    sock: socket.socket,
+    address: tuple[Any, ...] | str | bytes,
+    listen: bool,
+    backlog: int,
+    reuse_after_bind: bool = False,
 ) -> socket.socket:
     sock.bind(address)
+    if reuse_after_bind:
+        # Set only once bound: bound with it, a walked port could be one that another socket
+        # bound with SO_REUSEADDR and is about to listen on. Set before accepting, it still
+        # passes to the connections (and so to their TIME_WAIT entries).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if listen:
         sock.listen(backlog)
     sock.setblocking(False)

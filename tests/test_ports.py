@@ -123,3 +123,28 @@ def test_a_server_binds_again_a_port_whose_connections_sit_in_time_wait() -> Non
     ):
         client.sendall(b"x")
         assert read_to_eof(client) == b"again"
+
+
+@linux_only
+def test_a_walked_port_another_socket_bound_to_listen_on_is_left_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bound with SO_REUSEADDR but not listening yet (between its bind and its listen), the
+    other socket keeps its port: the server binds the next one, and the other can listen."""
+    walk = _ports._Walk()
+    monkeypatch.setattr(_ports, "_walk", walk)
+    step = next(walk.steps)
+    walk.steps = iter(range(step, step + 100))  # type: ignore[assignment]
+    port = walk.first + 2 * (step % walk.count)
+    other = socket.socket()
+    try:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            other.bind(("127.0.0.1", port))
+        except OSError:
+            pytest.skip(f"port {port} is in use here")
+        with CommandServer([RECEIVE, "ok"], verbose=False) as server:
+            assert server.port != port
+            other.listen()  # it still can
+    finally:
+        other.close()
