@@ -12,7 +12,6 @@ import fnmatch
 import gc
 import os
 import socket
-import time
 import tracemalloc
 from collections.abc import Iterator
 
@@ -21,6 +20,7 @@ from conftest import connect, exchange
 import selectserver
 from selectserver import RECEIVE, CommandServer, Outcome, compile_script
 from selectserver._connection import Connection
+from selectserver._control import run_on_reactor
 from selectserver._machine import StepMachine, _Frame
 from selectserver._records import ConnectionRecord, ServerLog
 from selectserver._script import SendStep
@@ -95,10 +95,9 @@ def test_an_ended_record_lets_go_of_its_connection() -> None:
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            deadline = time.monotonic() + 5.0
-            while server._listener.connections or _live_machines(record):
-                assert time.monotonic() < deadline, "the machine outlives its connection"
-                time.sleep(0.01)
+            after_this_pass(server)  # the pass that ended the record has forgotten it
+            assert not server._listener.connections
+            assert not _live_machines(record), "the machine outlives its connection"
         finally:
             if was_enabled:
                 gc.enable()
@@ -108,18 +107,18 @@ def test_an_ended_record_lets_go_of_its_connection() -> None:
 def test_a_running_record_still_says_what_it_waits_for() -> None:
     with CommandServer([RECEIVE, b"hello"], verbose=False) as server:
         with connect(server.address):
-            deadline = time.monotonic() + 5.0
-            while not server.connections:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            # The listener was readable before the command's wake-up byte was sent, so the
+            # pass that runs the command has accepted the connection and started its script.
+            after_this_pass(server)
             (record,) = server.connections
-            deadline = time.monotonic() + 5.0
-            while record.waiting_for() == "starting":
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
             assert "waiting for data" in record.waiting_for()
         server.wait_for_connections(1)
     assert record.waiting_for() == "ended: peer closed"
+
+
+def after_this_pass(server: CommandServer) -> None:
+    """Return once the reactor has finished the pass it is in (a command runs at its end)."""
+    run_on_reactor(server._reactor, lambda: None)
 
 
 def _traced_here() -> int:
@@ -145,10 +144,8 @@ def test_an_ended_record_is_small() -> None:
             for _ in range(n):
                 assert exchange(server.address, b"x") == b"hello"
             server.wait_for_connections(n + 1)
-            deadline = time.monotonic() + 5.0
-            while server._listener.connections:  # every connection forgotten
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            after_this_pass(server)
+            assert not server._listener.connections  # every connection forgotten
             per_record = (_traced_here() - before) / n
         finally:
             tracemalloc.stop()
