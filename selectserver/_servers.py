@@ -92,10 +92,11 @@ def _bind(
             return _listen(
                 sock, (address[0], candidate, *address[2:]), listen, backlog, reuse and walked
             )
-        except OSError as exc:
+        except OSError:
             sock.close()
-            if exc.errno != errno.EADDRINUSE or not walked:
-                raise
+            if not walked:
+                raise  # the port asked for, or the kernel's choice: the caller hears why
+            # A walked port refused (in use, or forbidden by a policy): try the next one.
         except BaseException:
             sock.close()
             raise

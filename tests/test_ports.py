@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from conftest import read_to_eof
@@ -148,3 +149,34 @@ def test_a_walked_port_another_socket_bound_to_listen_on_is_left_to_it(
             other.listen()  # it still can
     finally:
         other.close()
+
+
+class _RefusingWalkedPorts(socket.socket):
+    """A socket whose bind to any named port fails as a security policy would."""
+
+    def bind(self, address: Any) -> None:
+        if address[1] != 0:
+            raise PermissionError(13, "Permission denied (injected)")
+        super().bind(address)
+
+
+@linux_only
+def test_a_walked_port_that_refuses_for_any_reason_is_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every walked bind fails (not EADDRINUSE): the kernel's choice serves, and a canary on
+    the same reactor, made before, still answers."""
+    with CommandServer([RECEIVE, "canary"], verbose=False) as canary:
+        monkeypatch.setattr(socket, "socket", _RefusingWalkedPorts)
+        with CommandServer([RECEIVE, "ok"], verbose=False) as server:
+            monkeypatch.undo()
+            for address, reply in ((server.address, b"ok"), (canary.address, b"canary")):
+                with socket.create_connection(address, timeout=10) as client:
+                    client.sendall(b"hi")
+                    assert read_to_eof(client) == reply
+
+
+def test_a_port_asked_for_that_refuses_raises_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "socket", _RefusingWalkedPorts)
+    with pytest.raises(PermissionError, match="injected"):
+        CommandServer([RECEIVE], port=40001, verbose=False)

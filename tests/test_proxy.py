@@ -62,6 +62,7 @@ from selectserver._proxy import (
     Hold,
     Latency,
     LimitData,
+    ProxyConnection,
     ProxyRecord,
     ResetPeer,
     Slicer,
@@ -803,6 +804,43 @@ def test_check_reports_internal_errors() -> None:
             assert read_to_eof(sock) == b"ok"  # the fault did not apply; the bytes flowed
         proxy.wait_for_connections(1)
         with pytest.raises(AssertionError, match="ZeroDivisionError"):
+            proxy.check()
+
+
+def test_a_failure_while_a_side_is_served_costs_only_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each socket's readiness reaches its side; a raise there ends that connection as an
+    ERROR (both sockets closed), and the proxy, later connections and a canary go on."""
+    real_read = ProxyConnection._read
+    failures = iter([RuntimeError("injected")])
+
+    def read_once_failing(self: ProxyConnection, *args: Any) -> None:
+        failure = next(failures, None)
+        if failure is not None and self.record.index == 0:
+            raise failure
+        real_read(self, *args)
+
+    monkeypatch.setattr(ProxyConnection, "_read", read_once_failing)
+    with (
+        CommandServer([RECEIVE, "ok"], verbose=False) as server,
+        FaultProxy(server.address, verbose=False) as proxy,
+    ):
+        with connect(proxy.address) as sock:
+            sock.sendall(b"hi")
+            try:
+                assert read_to_eof(sock) == b""
+            except ConnectionResetError:
+                pass  # closed with the client's bytes unread: RST
+        canary_answers()
+        with connect(proxy.address) as sock:
+            sock.sendall(b"hi")
+            assert read_to_eof(sock) == b"ok"
+        first, second = proxy.wait_for_connections(2)
+        assert first.outcome is Outcome.ERROR
+        assert "RuntimeError: injected" in (first.failure or "")
+        assert second.outcome is Outcome.COMPLETED
+        with pytest.raises(AssertionError, match="injected"):
             proxy.check()
 
 
