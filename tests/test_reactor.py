@@ -22,6 +22,7 @@ from selectserver import (
     Outcome,
     Reactor,
     ReactorStatistics,
+    Reply,
     _machine,
     _reactor,
 )
@@ -265,3 +266,32 @@ def test_a_listener_that_stops_leaves_the_selector(reactor: Reactor) -> None:
         server.wait_for_connections(1)
         stats = statistics_on_the_reactor_thread(reactor)
         assert stats.registered == 1 + stats.connections  # the wake-up socket and live ones
+
+
+def test_stop_reactor_on_a_busy_reactor_times_out_and_says_why() -> None:
+    """A Reply holding the reactor thread: stop_reactor(timeout) raises TimeoutError naming
+    what it is busy with; once the Reply returns, the stop completes and a new server serves."""
+    selectserver.stop_reactor()
+    release, entered = threading.Event(), threading.Event()
+
+    def slow(context: object) -> bytes:
+        entered.set()
+        release.wait(10)
+        return b"late"
+
+    server = CommandServer([RECEIVE, Reply(slow)], verbose=False)
+    with connect(server.address) as client:
+        client.sendall(b"go")
+        assert entered.wait(10)
+        (thread,) = reactor_threads()
+        try:
+            with pytest.raises(TimeoutError, match=r"did not stop within 0\.2 s: it is busy with"):
+                selectserver.stop_reactor(timeout=0.2)
+        finally:
+            release.set()
+        thread.join(10)
+        assert not thread.is_alive()  # the stop went ahead once the Reply returned
+    server.close()
+    with CommandServer("fresh", verbose=False) as fresh:
+        assert exchange(fresh.address) == b"fresh"
+    selectserver.stop_reactor()
