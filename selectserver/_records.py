@@ -193,38 +193,19 @@ class _Describes(Protocol):
     def describe(self) -> str: ...
 
 
-class _Hooks:
-    """A :class:`_Sink` made of two callables (``ConnectionRecord(_on_received=, _on_end=)``)."""
+class _EndHook:
+    """A :class:`_Sink` that calls ``on_end`` (``ConnectionRecord(_on_end=)``, for tests)."""
 
-    __slots__ = ("_on_end", "_on_received")
+    __slots__ = ("_on_end",)
 
-    def __init__(
-        self,
-        on_received: Callable[[bytes], None] | None,
-        on_end: Callable[[ConnectionRecord], None] | None,
-    ) -> None:
-        self._on_received = on_received
+    def __init__(self, on_end: Callable[[ConnectionRecord], None]) -> None:
         self._on_end = on_end
 
     def _received(self, data: bytes) -> None:
-        if self._on_received is not None:
-            self._on_received(data)
+        pass
 
     def _end(self, record: ConnectionRecord) -> None:
-        if self._on_end is not None:
-            self._on_end(record)
-
-
-class _Describer:
-    """A :class:`_Describes` made of a callable (``ConnectionRecord(_describe=)``)."""
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn: Callable[[], str]) -> None:
-        self._fn = fn
-
-    def describe(self) -> str:
-        return self._fn()
+        self._on_end(record)
 
 
 class _Rare:
@@ -346,10 +327,7 @@ class ConnectionRecord:
         max_receive: int = DEFAULT_MAX_RECEIVE,
         kept: int = 0,
         bytes_sent: int = 0,
-        _sent: list[memoryview] | None = None,
-        _on_received: Callable[[bytes], None] | None = None,
         _on_end: Callable[[ConnectionRecord], None] | None = None,
-        _describe: Callable[[], str] | None = None,
         *,
         _sink: _Sink | None = None,
     ) -> None:
@@ -373,13 +351,9 @@ class ConnectionRecord:
         self.bytes_sent = bytes_sent
         # None, one piece, or a list of them: one per send step (most send one or two).
         self._sends: _Piece | list[_Piece] | None = None
-        for view in _sent or ():
-            self._add_piece(_piece(view))
-        if _sink is None and (_on_received is not None or _on_end is not None):
-            _sink = _Hooks(_on_received, _on_end)
-        self._sink = _sink
+        self._sink = _EndHook(_on_end) if _sink is None and _on_end is not None else _sink
         # What the running connection waits for (its step machine); None once it has ended.
-        self._describer: _Describes | None = None if _describe is None else _Describer(_describe)
+        self._describer: _Describes | None = None
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
