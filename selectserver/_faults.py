@@ -72,7 +72,7 @@ Direction = Literal["downstream", "upstream", "both"]
 _DIRECTIONS = ("downstream", "upstream", "both")
 
 #: Bytes a flow holds for its destination before the proxy stops reading its source.
-MAX_BUFFERED = 256 * 1024
+MAX_BUFFERED = 1024 * 1024
 #: A paced flow sends at most this many seconds' worth of bytes at once.
 PACE_SECONDS = 0.01
 
@@ -489,6 +489,22 @@ class Flow:
     def wants_data(self) -> bool:
         """Whether to read the source: it has not ended, and the buffer has room."""
         return not self.ended and self.buffered < MAX_BUFFERED
+
+    @property
+    def clear(self) -> bool:
+        """Whether bytes read now may go out at once: no fault acts and nothing waits."""
+        return not self._active and not self._queue and not self._gone
+
+    def passed_through(self, data: bytes, sent: int, now: float) -> None:
+        """While :attr:`clear`, ``data`` (read at ``now``) went out at once, ``sent`` bytes of
+        it: as :meth:`feed` then :meth:`sent`, without queueing what went."""
+        self.passed += sent
+        if sent < len(data):
+            chunk = _Chunk(data, max(now, self._last_release))
+            chunk.offset = sent
+            self._queue.append(chunk)
+            self.buffered += len(data) - sent
+            self._last_release = chunk.release_at
 
     def feed(self, data: bytes, now: float) -> None:
         """The source sent ``data`` (read at ``now``)."""

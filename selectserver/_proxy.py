@@ -96,7 +96,7 @@ __all__ = [
 logger = logging.getLogger("selectserver")
 
 #: bytes one recv() takes at most (with MAX_BUFFERED, bounds what a flow holds)
-READ_SIZE = 256 * 1024
+READ_SIZE = 1024 * 1024
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _RESETS = (ConnectionResetError, BrokenPipeError)
@@ -259,11 +259,15 @@ class ProxyConnection:
             timeout = self.listener.timeout
             if timeout is not None and now >= self._last_active + timeout:
                 self._hang_up(Outcome.TIMED_OUT, f"no bytes either way for {timeout} s", now)
+        client, server, up, down = self.client, self.server, self.up, self.down
         while self._phase == _OPEN and budget > 0:
-            assert self.server is not None
-            used = self._move(self.up, self.client, self.server, now)
-            if self._phase == _OPEN:
-                used += self._move(self.down, self.server, self.client, now)
+            assert server is not None
+            # A direction with nothing to read and nothing held (clear) has nothing to do.
+            used = 0
+            if client.readable or not up.clear:
+                used += self._move(up, client, server, now)
+            if self._phase == _OPEN and (server.readable or not down.clear):
+                used += self._move(down, server, client, now)
             if not used:
                 break
             budget -= used
@@ -282,14 +286,26 @@ class ProxyConnection:
         calls = 0
         if source.reading and source.readable and flow.wants_data:
             calls += 1
-            self._read(flow, source, now)
+            data = self._read(flow, source, now)
             if self._phase != _OPEN:
                 return calls
+            if data:
+                if flow.clear and not destination.blocked and not destination.closed:
+                    # Nothing acts on or waits in this direction: send at once, as a Send of
+                    # the whole chunk would, without queueing it first.
+                    calls += 1
+                    sent = self._write(destination, data, now)
+                    if sent is not None:
+                        flow.passed_through(data, sent, now)
+                    return calls
+                flow.feed(data, now)
         action = flow.next_action(now)
         if isinstance(action, Send):
             if not destination.blocked and not destination.closed:
                 calls += 1
-                self._write(flow, destination, action.data, now)
+                sent = self._write(destination, action.data, now)
+                if sent is not None:
+                    flow.sent(sent, now)
         elif isinstance(action, PassEnd):
             calls += 1
             self._pass_end(flow, source, destination, action.end, now)
@@ -301,17 +317,19 @@ class ProxyConnection:
                 self._hang_up(Outcome.HUNG_UP, action.reason, now)
         return calls
 
-    def _read(self, flow: Flow, source: _Side, now: float) -> None:
+    def _read(self, flow: Flow, source: _Side, now: float) -> bytes | None:
+        """Read what ``source`` sent and record it (the caller hands it to ``flow``); an end
+        goes to ``flow`` here. None: nothing was read."""
         try:
             # recv, not recv_into the reactor's buffer: the bytes are kept (by the flow and the
             # record), and one copy from the kernel beats two.
             data = source.sock.recv(READ_SIZE)
         except WOULD_BLOCK:
             source.readable = False
-            return
+            return None
         except OSError as exc:
             self._lost(source, exc, now)
-            return
+            return None
         count = len(data)
         if count < READ_SIZE:
             source.readable = False  # it had no more: the selector says when it has
@@ -320,30 +338,31 @@ class ProxyConnection:
             self._set_end(source, "eof")
             flow.feed_end(End.EOF, now)
             self._event("#%d %s sent EOF", source.name)
-            return
+            return None
         self._last_active = now
         record = self.record
-        record.add(flow is self.up, data, time.monotonic())
-        flow.feed(data, now)
-        held = self.up.buffered + self.down.buffered
+        record.add(flow is self.up, data, now)
+        held = self.up.buffered + self.down.buffered + count
         if held > record.peak_buffered:
             record.peak_buffered = held
         if self.listener.tracing:
             self._event("#%d %s sent %d bytes", source.name, count)
+        return data
 
-    def _write(self, flow: Flow, destination: _Side, data: memoryview, now: float) -> None:
+    def _write(self, destination: _Side, data: bytes | memoryview, now: float) -> int | None:
+        """Send ``data`` to ``destination``: the bytes it took, or None if it failed."""
         try:
             sent = destination.sock.send(data)
         except WOULD_BLOCK:
             destination.blocked = True
-            return
+            return 0
         except OSError as exc:
             self._lost(destination, exc, now)
-            return
+            return None
         self._last_active = now
-        flow.sent(sent, now)
         if sent < len(data):
             destination.blocked = True
+        return sent
 
     def _pass_end(
         self, flow: Flow, source: _Side, destination: _Side, end: End, now: float
@@ -482,7 +501,7 @@ class ProxyConnection:
             while side.reading and side.readable and not side.closed and calls < budget:
                 calls += 1
                 try:
-                    count = side.sock.recv_into(buffer, READ_SIZE)
+                    count = side.sock.recv_into(buffer)
                 except WOULD_BLOCK:
                     side.readable = False
                     break
@@ -552,9 +571,10 @@ class ProxyConnection:
             if timeout is not None:
                 wake = _earliest(wake, self._last_active + timeout)
             for flow in (self.up, self.down):
-                action = flow.next_action(now)
-                if isinstance(action, Sleep):
-                    wake = _earliest(wake, action.until)
+                if not flow.clear:
+                    action = flow.next_action(now)
+                    if isinstance(action, Sleep):
+                        wake = _earliest(wake, action.until)
         for side, outgoing in ((self.client, self.up), (self.server, self.down)):
             if side is None:
                 continue

@@ -815,11 +815,11 @@ def test_a_failure_while_a_side_is_served_costs_only_its_connection(
     real_read = ProxyConnection._read
     failures = iter([RuntimeError("injected")])
 
-    def read_once_failing(self: ProxyConnection, *args: Any) -> None:
+    def read_once_failing(self: ProxyConnection, *args: Any) -> bytes | None:
         failure = next(failures, None)
         if failure is not None and self.record.index == 0:
             raise failure
-        real_read(self, *args)
+        return real_read(self, *args)
 
     monkeypatch.setattr(ProxyConnection, "_read", read_once_failing)
     with (
@@ -1343,7 +1343,7 @@ def test_a_client_flooding_a_slow_server_keeps_memory_bounded() -> None:
         proxy.check()
     assert result == b"done"
     assert record.passed_upstream == total
-    assert record.peak_buffered <= MAX_BUFFERED + READ_SIZE < MiB
+    assert record.peak_buffered <= MAX_BUFFERED + READ_SIZE <= 2 * MiB
     assert grown_mib < 40, f"the process grew by {grown_mib:.0f} MiB"
 
 
