@@ -360,6 +360,7 @@ class ProxyConnection:
             self._lost(destination, exc, now)
             return None
         self._last_active = now
+        destination.readable = True  # it may have answered already (the peer can preempt us)
         if sent < len(data):
             destination.blocked = True
         return sent
