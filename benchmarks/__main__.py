@@ -20,11 +20,11 @@ from dataclasses import replace
 
 from . import report
 from .clients import ClientProcess
-from .impls import BASELINES, PROXIED, by_name
+from .impls import BASELINES, PROXIED, RAW_PROXY, by_name
 from .scenarios import FULL, QUICK, SCENARIOS, Context, Scenario, Sizes
 from .system import raise_fd_limit
 
-IMPL_NAMES = ("selectserver", *BASELINES, "plain", PROXIED)
+IMPL_NAMES = ("selectserver", *BASELINES, "plain", PROXIED, RAW_PROXY)
 
 
 def _pick(names: str | None, known: Sequence[str], what: str) -> list[str]:

@@ -19,6 +19,12 @@ And one that is not a baseline but selectserver again, one hop further away:
 * ``proxied``: each selectserver server behind its own ``FaultProxy(..., verbose=False)`` with
   no fault, both on the default reactor; the clients connect to the proxy. The ``proxy*``
   scenarios compare it with ``selectserver`` direct.
+
+And the floor for ``proxied``, shown beside it in the ``proxy*`` scenarios:
+
+* ``rawproxy``: each selectserver server behind a minimal relay (``benchmarks.rawproxy``) on
+  the same reactor thread: recv, send, an unsent tail, EOF passed on; no records, timers or
+  faults. The least a proxy on that thread can cost.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from .common import (
     listening_socket,
     play_blocking,
 )
+from .rawproxy import RawProxyGroup
 from .rawselect import RawGroup
 
 __all__ = [
@@ -55,6 +62,7 @@ __all__ = [
     "DIRECT",
     "IMPLEMENTATIONS",
     "PROXIED",
+    "RAW_PROXY",
     "Group",
     "Impl",
     "Script",
@@ -314,9 +322,16 @@ IMPLEMENTATIONS: tuple[Impl, ...] = (
 BASELINES = ("threads", "asyncio", "rawselect")
 #: the proxy scenarios' pair: selectserver direct, and the same servers behind a FaultProxy
 DIRECT, PROXIED = "selectserver", "proxied"
+#: ... and the floor shown beside them: the same servers behind a minimal relay
+RAW_PROXY = "rawproxy"
 _ALL: dict[str, Impl] = {
     impl.name: impl
-    for impl in (*IMPLEMENTATIONS, Impl("plain", _PlainGroup), Impl(PROXIED, _ProxiedGroup))
+    for impl in (
+        *IMPLEMENTATIONS,
+        Impl("plain", _PlainGroup),
+        Impl(PROXIED, _ProxiedGroup),
+        Impl(RAW_PROXY, RawProxyGroup),
+    )
 }
 
 
@@ -334,7 +349,7 @@ def warm_up(impl: Impl) -> None:
     stopped (``selectserver.stop_reactor()``), so its thread and descriptors going away are not
     charged to the baseline.
     """
-    if impl.name not in (DIRECT, PROXIED):
+    if impl.name not in (DIRECT, PROXIED, RAW_PROXY):  # those on selectserver's reactor
         selectserver.stop_reactor(WAIT_SECONDS)
     with opened(impl, HELLO, 1) as group:
         group.settle()

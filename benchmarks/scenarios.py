@@ -5,7 +5,8 @@ sizes of this run) and returns ``{metric: value}``. Scenarios check every reply,
 server fails the run instead of posting a fast time.
 
 Most scenarios judge selectserver against the baselines. The ``proxy*`` ones run the same client
-against selectserver direct and through a FaultProxy (the ``proxied`` implementation), and judge
+against selectserver direct, through a FaultProxy (the ``proxied`` implementation) and through
+a minimal relay on the same reactor (``rawproxy``, the floor, shown but not judged), and judge
 the proxied figure against the direct one from the same run.
 """
 
@@ -24,7 +25,7 @@ from typing import Literal
 
 from .clients import ClientProcess, exchange
 from .common import HELLO
-from .impls import BASELINES, DIRECT, PROXIED, Impl, Script, opened, warm_up
+from .impls import BASELINES, DIRECT, PROXIED, RAW_PROXY, Impl, Script, opened, warm_up
 from .system import (
     PeakSampler,
     open_fds,
@@ -413,16 +414,18 @@ def _proxy_scenario(
     metrics: tuple[Metric, ...],
     *targets: Target,
 ) -> Scenario:
-    """A scenario run direct and through a FaultProxy, judged proxied against direct."""
+    """A scenario run direct, through a FaultProxy and through the minimal relay (its floor),
+    judged proxied against direct; the relay's row and the ratios to it are only shown.
+    """
     return Scenario(
         key,
         run,
         metrics,
         _normal,
-        impls=(DIRECT, PROXIED),
+        impls=(DIRECT, PROXIED, RAW_PROXY),
         targets=targets,
         subject=PROXIED,
-        baselines=(DIRECT,),
+        baselines=(DIRECT, RAW_PROXY),
     )
 
 
