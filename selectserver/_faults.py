@@ -14,10 +14,11 @@ connection). When each fault acts:
 
 =================  ==========================================================================
 ``Latency``        as a chunk is read: it may go ``seconds`` ± ``jitter`` after it was read
-                   (delays run side by side, never add up; order is kept)
+                   (delays run side by side, never add up; order is kept; removal releases
+                   what it delays)
 ``Timeout``        as a chunk is read: dropped while the fault is on (an EOF or RST waits for
                    its removal instead); ``seconds`` after it began, the connection closes
-``SlowClose``      as the source's EOF is read: it is passed on ``seconds`` later
+``SlowClose``      as the source's EOF is read: it is passed on ``seconds`` later (or removal)
 ``Hold``           as bytes go out: nothing goes (neither bytes nor ends) until it is removed
 ``Bandwidth``      as bytes go out: paced at ``bytes_per_second`` (removal speeds up at once)
 ``Slicer``         as bytes go out: each chunk in pieces, ``delay`` after each piece
@@ -367,21 +368,32 @@ Action = Union[Send, Sleep, PassEnd, Abort]
 _IDLE = Sleep(None)
 
 
-class _Chunk:
-    __slots__ = ("data", "offset", "release_at")
+class _Queued:
+    """What a flow holds: when it was read, the delays faults gave it, when it may go."""
 
-    def __init__(self, data: bytes, release_at: float) -> None:
+    __slots__ = ("delays", "read_at", "release_at")
+
+    def __init__(self) -> None:
+        self.read_at = -math.inf
+        self.delays: tuple[tuple[object, float], ...] = ()  # (fault key, seconds)
+        self.release_at = -math.inf
+
+
+class _Chunk(_Queued):
+    __slots__ = ("data", "offset")
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
         self.data = data
-        self.release_at = release_at
         self.offset = 0  # bytes of it already sent
 
 
-class _Mark:
-    __slots__ = ("end", "release_at")
+class _Mark(_Queued):
+    __slots__ = ("end",)
 
-    def __init__(self, end: End, release_at: float) -> None:
+    def __init__(self, end: End) -> None:
+        super().__init__()
         self.end = end
-        self.release_at = release_at
 
 
 class _Active:
@@ -464,12 +476,24 @@ class Flow:
         return True
 
     def remove(self, key: object) -> None:
-        """The fault known by ``key`` no longer acts (its count and clock are forgotten)."""
+        """The fault known by ``key`` no longer acts (its count and clock are forgotten); what
+        it delays goes as if it had never acted."""
         removed = [active.fault for active in self._active if active.key == key]
         self._active = [active for active in self._active if active.key != key]
         if any(isinstance(fault, (Bandwidth, Slicer)) for fault in removed):
             self._next_at = -math.inf  # no more waiting for a pace or a piece's delay
             self._piece_left = 0
+        if any(isinstance(fault, (Latency, SlowClose)) for fault in removed):
+            self._release_again(key)
+
+    def _release_again(self, key: object) -> None:
+        """The queued items lose the delays ``key``'s fault gave them; their order is kept."""
+        last = -math.inf
+        for item in self._queue:
+            item.delays = tuple(delay for delay in item.delays if delay[0] is not key)
+            last = max(item.read_at + sum(seconds for _, seconds in item.delays), last)
+            item.release_at = last
+        self._last_release = last
 
     def _faults(self, kind: type | tuple[type, ...]) -> Sequence[_Active]:
         if not self._active:
@@ -500,18 +524,17 @@ class Flow:
         it: as :meth:`feed` then :meth:`sent`, without queueing what went."""
         self.passed += sent
         if sent < len(data):
-            chunk = _Chunk(data, max(now, self._last_release))
+            chunk = _Chunk(data)
             chunk.offset = sent
-            self._queue.append(chunk)
+            self._hold(chunk, now, ())
             self.buffered += len(data) - sent
-            self._last_release = chunk.release_at
 
     def feed(self, data: bytes, now: float) -> None:
         """The source sent ``data`` (read at ``now``)."""
         if self._gone or self._faults(Timeout):
             self.dropped += len(data)
             return
-        self._queue.append(_Chunk(data, self._release_time(now, 0.0)))
+        self._hold(_Chunk(data), now, self._latencies())
         self.buffered += len(data)
 
     def feed_end(self, end: End, now: float) -> None:
@@ -519,8 +542,12 @@ class Flow:
         self.ended = True
         if self._gone:
             return
-        late = sum(a.fault.seconds for a in self._active if isinstance(a.fault, SlowClose))
-        self._queue.append(_Mark(end, self._release_time(now, late if end is End.EOF else 0.0)))
+        delays = self._latencies()
+        if end is End.EOF:
+            delays += tuple(
+                (a.key, a.fault.seconds) for a in self._active if isinstance(a.fault, SlowClose)
+            )
+        self._hold(_Mark(end), now, delays)
 
     def discard(self) -> None:
         """The destination is gone: drop what waits for it, and whatever comes later."""
@@ -529,11 +556,25 @@ class Flow:
         self.buffered = 0
         self._queue.clear()
 
-    def _release_time(self, now: float, extra: float) -> float:
-        delay = extra + sum(active.latency() for active in self._faults(Latency))
-        release = max(now + delay, self._last_release)
-        self._last_release = release
-        return release
+    def _latencies(self) -> tuple[tuple[object, float], ...]:
+        """The delay each Latency gives a chunk read now (jitter drawn)."""
+        return tuple((active.key, active.latency()) for active in self._faults(Latency))
+
+    def _hold(
+        self, item: _Chunk | _Mark, now: float, delays: tuple[tuple[object, float], ...]
+    ) -> None:
+        """Queue ``item``, read at ``now``: it goes after its ``delays``, and after what is
+        queued before it."""
+        item.read_at = now
+        item.delays = delays
+        release = now + sum(seconds for _, seconds in delays) if delays else now
+        item.release_at = self._last_release = max(release, self._last_release)
+        self._queue.append(item)
+
+    def holding(self, now: float) -> bool:
+        """Whether a fault keeps back what this flow holds (a delay, a pace, a Hold, a Timeout
+        holding an end), rather than its destination not taking it."""
+        return bool(self._queue) and isinstance(self.next_action(now), Sleep)
 
     # ---- what to do -----------------------------------------------------------------------
 

@@ -8,9 +8,11 @@ direction, which decide what goes out when (the faults, pacing, delays, backpres
 
 On the wire the proxy is faithful: a FIN is passed on as a FIN (``shutdown(SHUT_WR)``: half-close
 works both ways), an RST as an RST (a side's reset closes the other side with ``SO_LINGER`` 0),
-and only then; ordinary closes never use linger 0. An unreachable upstream resets the client
-right after accept (or closes it with FIN, ``on_upstream_error="close"``). TLS passes through as
-ciphertext. Faults, records and recordings: see ``_faults.py`` and ``_recording.py``.
+and only then; ordinary closes never use linger 0. An RST discards what the kernel still holds
+to send, so the proxy resets each side once its kernel has sent that side everything passed to
+it (``SIOCOUTQNSD``, polled, for ``DRAIN_SECONDS`` at most). An unreachable upstream resets the
+client right after accept (or closes it with FIN, ``on_upstream_error="close"``). TLS passes
+through as ciphertext. Faults, records and recordings: see ``_faults.py`` and ``_recording.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
@@ -99,6 +102,13 @@ logger = logging.getLogger("selectserver")
 READ_SIZE = 1024 * 1024
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+if sys.platform.startswith("linux"):
+    import fcntl
+
+    _SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes queued to send, not yet sent
+else:  # no way to tell: a reset goes at once
+    fcntl = None  # type: ignore[assignment]
+    _SIOCOUTQNSD = 0
 _RESETS = (ConnectionResetError, BrokenPipeError)
 #: connect_ex() results that mean "under way" for TCP (a Unix connect completes or fails at once)
 _IN_PROGRESS = frozenset(
@@ -106,7 +116,12 @@ _IN_PROGRESS = frozenset(
     for name in ("EINPROGRESS", "EWOULDBLOCK", "EINTR", "WSAEWOULDBLOCK")
     if hasattr(errno, name)
 )
-_CONNECTING, _OPEN, _DRAINING, _DONE = range(4)
+#: SO_ERROR codes of a connect that completed, then was reset by the upstream
+_RESET_CODES = frozenset({errno.ECONNRESET, errno.EPIPE})
+_CONNECTING, _OPEN, _DRAINING, _RESETTING, _DONE = range(5)
+#: How often a reset looks whether the bytes passed on have left: first, and at most.
+RESET_POLL_SECONDS = 0.001
+MAX_RESET_POLL_SECONDS = 0.05
 
 Target = tuple[int, Any]  # (address family, address) to connect to
 
@@ -153,6 +168,7 @@ class ProxyConnection:
         "_drained",
         "_last_active",
         "_phase",
+        "_reset_poll",
         "_targets",
         "_timer",
         "_timer_at",
@@ -178,6 +194,7 @@ class ProxyConnection:
         self._deadline: float | None = None  # of the connect, or of the drain
         self._last_active = now
         self._drained = 0
+        self._reset_poll = RESET_POLL_SECONDS
         self._timer: list[object] | None = None
         self._timer_at = 0.0
 
@@ -236,8 +253,11 @@ class ProxyConnection:
         self._finish(Outcome.ERROR, None, time.monotonic())
 
     def abort(self, now: float) -> None:
-        """The proxy is closing."""
-        self._finish(Outcome.SERVER_CLOSED, "the proxy was closed", now)
+        """The proxy is closing (a reset under way completes at once)."""
+        if self._phase == _RESETTING:
+            self._finish(self._outcome(), None, now, reset=True)
+        else:
+            self._finish(Outcome.SERVER_CLOSED, "the proxy was closed", now)
 
     def drop_sockets(self) -> None:
         """In a forked child: close this process's copies of the sockets, nothing else."""
@@ -255,10 +275,6 @@ class ProxyConnection:
         budget = CALLS_PER_TURN
         if self._phase == _CONNECTING:
             budget -= self._check_connected(now)
-        if self._phase == _OPEN:
-            timeout = self.listener.timeout
-            if timeout is not None and now >= self._last_active + timeout:
-                self._hang_up(Outcome.TIMED_OUT, f"no bytes either way for {timeout} s", now)
         client, server, up, down = self.client, self.server, self.up, self.down
         while self._phase == _OPEN and budget > 0:
             assert server is not None
@@ -271,6 +287,11 @@ class ProxyConnection:
             if not used:
                 break
             budget -= used
+        if self._phase == _OPEN and self._timed_out(now):
+            timeout = self.listener.timeout
+            self._hang_up(Outcome.TIMED_OUT, f"no bytes either way for {timeout} s", now)
+        if self._phase == _RESETTING:
+            self._reset_sent(now)
         if self._phase == _DRAINING:
             budget -= self._drain(now, budget)
         if self._phase == _DONE:
@@ -312,7 +333,7 @@ class ProxyConnection:
         elif not isinstance(action, Sleep):  # Abort: a fault ends the connection
             calls += 1
             if action.reset:
-                self._finish(Outcome.RESET, action.reason, now, reset=True)
+                self._reset(Outcome.RESET, action.reason, now)
             else:
                 self._hang_up(Outcome.HUNG_UP, action.reason, now)
         return calls
@@ -370,10 +391,7 @@ class ProxyConnection:
     ) -> None:
         flow.end_passed()
         if end is End.RESET:
-            self._set_end(destination, "reset by proxy")
-            how = self.record.client_end if source is self.client else self.record.server_end
-            what = "reset" if how == "reset" else f"failed ({how})"
-            self._finish(Outcome.PEER_RESET, f"the {source.name} {what}", now, reset=True)
+            self._reset(Outcome.PEER_RESET, self._ended_in_words(), now)
             return
         try:
             destination.sock.shutdown(socket.SHUT_WR)
@@ -392,6 +410,10 @@ class ProxyConnection:
         self._event("#%d %s: %s", side.name, describe_error(exc))
         side.reading = False
         self._close_side(side, reset=False)
+        other = self.server if side is self.client else self.client
+        if other is None or other.closed:  # both are gone: there is nothing left to pass on
+            self._finish(Outcome.PEER_RESET, self._ended_in_words(), now)
+            return
         outgoing, incoming = (self.up, self.down) if side is self.client else (self.down, self.up)
         incoming.discard()
         outgoing.feed_end(End.RESET, now)
@@ -434,7 +456,12 @@ class ProxyConnection:
                 return 1
             self._connected(server, now)
             return 1
-        self._retry_connect(describe_error(OSError(code, os.strerror(code))), now)
+        error = OSError(code, os.strerror(code))
+        if code in _RESET_CODES:  # the upstream accepted, then reset: pass that on
+            self._connected(server, now)
+            self._lost(server, ConnectionResetError(code, error.strerror), now)
+            return 1
+        self._retry_connect(describe_error(error), now)
         return 1
 
     def _retry_connect(self, why: str, now: float) -> None:
@@ -469,7 +496,7 @@ class ProxyConnection:
         detail = f"upstream {self.listener.upstream_name} unreachable: {why}"
         self._event("#%d %s", detail)
         if self.listener.on_upstream_error == "reset":
-            self._finish(Outcome.RESET, detail, now, reset=True)
+            self._reset(Outcome.RESET, detail, now)
         else:
             self._hang_up(Outcome.HUNG_UP, detail, now)
 
@@ -480,6 +507,7 @@ class ProxyConnection:
         while (closing with unread input would send RST)."""
         for side in self._sides():
             if not side.closed:
+                self._set_end(side, "closed by proxy")
                 try:
                     side.sock.shutdown(socket.SHUT_WR)
                 except OSError:
@@ -491,6 +519,36 @@ class ProxyConnection:
         self._event("#%d hanging up: %s", detail)
         self._update_record()
         self.record.end(outcome, detail, now)
+
+    def _reset(self, outcome: Outcome, detail: str, now: float) -> None:
+        """End with an RST to both sides: the record ends now, and each side is reset once the
+        bytes passed to it have left the proxy (an RST discards what the kernel still holds to
+        send), or after DRAIN_SECONDS at most."""
+        self.up.discard()
+        self.down.discard()
+        self._phase = _RESETTING
+        self._deadline = now + DRAIN_SECONDS
+        self._reset_poll = RESET_POLL_SECONDS
+        for side in self._sides():
+            side.reading = False
+            if not side.closed:
+                self._set_end(side, "reset by proxy")
+        self._event("#%d resetting: %s", detail)
+        self._update_record()
+        self.record.end(outcome, detail, now)
+        self._reset_sent(now)
+
+    def _reset_sent(self, now: float) -> None:
+        """Reset each side whose bytes have left; end the connection once both are reset."""
+        assert self._deadline is not None
+        late = now >= self._deadline
+        for side in self._sides():
+            if not side.closed and (late or not _unsent(side.sock)):
+                self._close_side(side, reset=True)
+        if all(side.closed for side in self._sides()):
+            self._finish(self._outcome(), None, now, reset=True)
+        else:  # look again soon, then less and less often
+            self._reset_poll = min(2 * self._reset_poll, MAX_RESET_POLL_SECONDS)
 
     def _drain(self, now: float, budget: int) -> int:
         """Read and drop until both sides have closed, or for DRAIN_SECONDS at most."""
@@ -518,8 +576,7 @@ class ProxyConnection:
         done = not any(side.reading and not side.closed for side in self._sides())
         assert self._deadline is not None
         if done or now >= self._deadline or self._drained >= DRAIN_BYTES:
-            outcome = self.record.outcome or Outcome.HUNG_UP
-            self._finish(outcome, None, now)
+            self._finish(self._outcome(), None, now)
         return calls
 
     def _finish(
@@ -546,6 +603,21 @@ class ProxyConnection:
     def _sides(self) -> list[_Side]:
         return [self.client] if self.server is None else [self.client, self.server]
 
+    def _outcome(self) -> Outcome:
+        """How the record ended (when the proxy decided to hang up or reset)."""
+        outcome = self.record.outcome
+        assert outcome is not None
+        return outcome
+
+    def _ended_in_words(self) -> str:
+        """How the sides that ended ended: ``the client reset``, ``the server failed (...)``."""
+        record = self.record
+        parts = []
+        for name, how in (("client", record.client_end), ("server", record.server_end)):
+            if how is not None and not how.endswith("by proxy"):
+                parts.append(f"the {name} " + ("reset" if how == "reset" else f"failed ({how})"))
+        return " and ".join(parts)
+
     def _set_end(self, side: _Side, how: str) -> None:
         record = self.record
         if side is self.client:
@@ -562,14 +634,25 @@ class ProxyConnection:
         record.passed_downstream = down.passed
         record.dropped = up.dropped + down.dropped + self._drained
 
+    def _held(self, now: float) -> bool:
+        """Whether a fault holds bytes back (delayed, paced, held): the connection is not idle."""
+        return self.up.holding(now) or self.down.holding(now)
+
+    def _timed_out(self, now: float) -> bool:
+        """Whether no byte has moved for the listener's timeout, and no fault holds any."""
+        timeout = self.listener.timeout
+        return timeout is not None and now >= self._last_active + timeout and not self._held(now)
+
     def _settle(self, now: float) -> None:
         """Watch the sockets for what we wait for, and arm the timer for the next due time."""
         phase = self._phase
         self._update_record()
         wake = self._deadline
+        if phase == _RESETTING:
+            wake = _earliest(wake, now + self._reset_poll)
         if phase == _OPEN:
             timeout = self.listener.timeout
-            if timeout is not None:
+            if timeout is not None and not self._held(now):
                 wake = _earliest(wake, self._last_active + timeout)
             for flow in (self.up, self.down):
                 if not flow.clear:
@@ -586,7 +669,7 @@ class ProxyConnection:
                 mask = (READ if side.reading and outgoing.wants_data else 0) | (
                     WRITE if side.blocked else 0
                 )
-            elif side.reading:  # draining
+            elif phase == _DRAINING and side.reading:
                 mask = READ
             self._watch(side, mask)
         if wake is not None:
@@ -638,6 +721,18 @@ class ProxyConnection:
             side.sock.close()
         except OSError:
             pass
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes the kernel still holds to send on ``sock``: TCP on Linux; 0 where it cannot tell,
+    and for Unix sockets (a send puts the bytes in the peer's queue at once)."""
+    if fcntl is None or sock.family == AF_UNIX:
+        return 0
+    try:
+        result = fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", result)[0])
 
 
 def _how_it_ended(exc: OSError) -> str:
@@ -774,9 +869,9 @@ class FaultProxy(_Served):
             socket path. Each client gets its own upstream connection.
         host, port, path: where the proxy listens (as for CommandServer).
         verbose: print a ``PROXY: ...`` line per event.
-        timeout: seconds without a byte either way after which a proxied connection is
-            closed (FIN to both; ``TIMED_OUT``), and the longest an upstream connect may
-            take; None: never.
+        timeout: seconds without a byte either way (bytes a fault holds back do not count
+            as idle) after which a proxied connection is closed (FIN to both;
+            ``TIMED_OUT``), and the longest an upstream connect may take; None: never.
         on_upstream_error: what a client gets when the upstream is unreachable: ``"reset"``
             (RST right after accept) or ``"close"`` (FIN).
         max_record: bytes each connection's record keeps at most (both directions); the rest
