@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pytest
-from conftest import assert_refused, connect, open_fds, read_exactly, read_to_eof
+from conftest import assert_refused, canary_answers, connect, open_fds, read_exactly, read_to_eof
 
 import selectserver
 from selectserver import (
@@ -56,8 +56,6 @@ from selectserver import (
 from selectserver._connection import Listener
 from selectserver._machine import DRAIN_SECONDS
 
-#: How long the canary may take, from its constructor to the EOF of its reply.
-CANARY_SECONDS = 1.0
 #: How long a close() may take while something hostile runs.
 PROMPT_SECONDS = 1.0
 MiB = 1024 * 1024
@@ -65,26 +63,6 @@ T = TypeVar("T")
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-
-def canary_answers(on: Reactor | None = None) -> None:
-    """An unrelated server on the default reactor answers a real round trip promptly.
-
-    With ``on``, the canary must run on that reactor: the default reactor the hostile server
-    uses is still the one serving (a dead one would be replaced by a fresh one unnoticed).
-    """
-    start = time.monotonic()
-    with CommandServer([RECEIVE, "pong"], verbose=False) as canary:
-        if on is not None:
-            assert canary._reactor is on, "the hostile server's reactor was replaced"
-        with connect(canary.address) as sock:
-            sock.sendall(b"ping")
-            reply = read_to_eof(sock)
-        elapsed = time.monotonic() - start
-    assert reply == b"pong"
-    assert elapsed < CANARY_SECONDS, f"the canary took {elapsed:.3f} s"
-    if on is not None:
-        assert on.error is None, on.error
 
 
 def answers_on(reactor: Reactor) -> None:

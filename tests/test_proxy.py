@@ -13,15 +13,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import http.client
-import http.server
 import json
 import resource
 import selectors
-import shutil
 import socket
 import ssl
-import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +26,17 @@ from typing import Any, cast
 
 import pytest
 import requests
-from conftest import connect, read_exactly, read_to_eof
+from _proxying import live_clients, proxied, redis_client, settle, tls_exchange
+from conftest import (
+    MiB,
+    WebServer,
+    canary_answers,
+    connect,
+    pattern,
+    read_exactly,
+    read_to_eof,
+    reset_close,
+)
 
 from selectserver import (
     HALF_CLOSE,
@@ -72,44 +78,7 @@ from selectserver._proxy import (
 )
 from selectserver._recording import script_of
 
-MiB = 1024 * 1024
-CANARY_SECONDS = 1.0
-LINGER_ZERO = struct.pack("ii", 1, 0)
-
-
 # ---- helpers -----------------------------------------------------------------------------------
-
-
-def settle(proxy: FaultProxy, passes: int = 2, timeout: float = 5.0) -> None:
-    """Return once ``proxy``'s reactor has run ``passes`` more passes of its loop.
-
-    A command runs at the end of a pass, so the pass after the first barrier selected after
-    this call: the proxy has read what its sockets held when it was made (on loopback, bytes
-    are readable once the peer's ``send()`` returned) and updated its records.
-    """
-    reactor = proxy._reactor
-    for _ in range(passes):
-        done = threading.Event()
-        assert reactor.submit(done.set), f"{reactor!r} has stopped"
-        assert done.wait(timeout), f"no pass within {timeout} s: {reactor.doing()}"
-
-
-def canary_answers() -> None:
-    """An unrelated server on the default reactor answers a real round trip promptly."""
-    start = time.monotonic()
-    with CommandServer([RECEIVE, "pong"], verbose=False) as canary:
-        with connect(canary.address) as sock:
-            sock.sendall(b"ping")
-            reply = read_to_eof(sock)
-        elapsed = time.monotonic() - start
-    assert reply == b"pong"
-    assert elapsed < CANARY_SECONDS, f"the canary took {elapsed:.3f} s"
-
-
-def reset_close(sock: socket.socket) -> None:
-    """Close ``sock`` with RST."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
-    sock.close()
 
 
 def simulate(flow: Flow, start: float = 0.0, steps: int = 10_000) -> tuple[list[Any], Any]:
@@ -157,6 +126,26 @@ def simulate(flow: Flow, start: float = 0.0, steps: int = 10_000) -> tuple[list[
         (lambda: FaultHandle(Hold(), connections=5), TypeError, "connections"),  # type: ignore[arg-type]
         (lambda: FaultHandle(Hold(), probability=1.5), ValueError, "probability"),
         (lambda: FaultHandle(Hold(), seed="x"), TypeError, "seed"),  # type: ignore[arg-type]
+        (lambda: Latency(float("nan")), ValueError, "seconds"),
+        (lambda: Latency(True), TypeError, "seconds"),
+        (lambda: Latency(0.1, jitter=-0.1), ValueError, "jitter"),
+        (lambda: Bandwidth(float("inf")), ValueError, "bytes_per_second"),
+        (lambda: Bandwidth(-5), ValueError, "bytes_per_second"),
+        (lambda: Slicer(1.5), TypeError, "average_size"),  # type: ignore[arg-type]
+        (lambda: Slicer(4, -1), ValueError, "size_variation"),
+        (lambda: Slicer(4, seed=None), TypeError, "seed"),  # type: ignore[arg-type]
+        (lambda: SlowClose(-0.5), ValueError, "seconds"),
+        (lambda: Timeout(float("nan")), ValueError, "seconds"),
+        (lambda: Timeout("1"), TypeError, "seconds"),  # type: ignore[arg-type]
+        (lambda: ResetPeer(1.5), TypeError, "after_bytes"),  # type: ignore[arg-type]
+        (lambda: LimitData(-1), ValueError, "n"),
+        (lambda: LimitData(1, then="RESET"), ValueError, "then"),  # type: ignore[arg-type]
+        (lambda: Latency(1, direction="down"), ValueError, "direction"),  # type: ignore[arg-type]
+        (lambda: FaultHandle(Hold(), probability=float("nan")), ValueError, "probability"),
+        (lambda: FaultHandle(Hold(), probability=True), TypeError, "probability"),
+        (lambda: FaultHandle(Hold(), connections=[-1]), TypeError, "connections"),
+        (lambda: FaultHandle(Hold(), connections="01"), TypeError, "connections"),  # type: ignore[arg-type]
+        (lambda: FaultHandle(Hold, connections=None), TypeError, "fault"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_arguments_name_themselves(
@@ -410,154 +399,21 @@ def test_script_counts_bytes_by_position_and_joins_reply_runs() -> None:
     assert script_of([], [], None) == [HANGUP]
 
 
-# ---- upstreams ---------------------------------------------------------------------------------
-
-
-class _Web(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    hits: list[str]
-    answered: list[str]  # the paths whose answer was written in full
-    changed: threading.Condition
-
-    def wait_answered(self, path: str, timeout: float = 5.0) -> None:
-        """Block until a request for ``path`` has been answered (its bytes are sent)."""
-        with self.changed:
-            if not self.changed.wait_for(lambda: path in self.answered, timeout):
-                raise AssertionError(f"{path} was not answered within {timeout} s")
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a reset from a fault is expected here: no traceback on stderr
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        cast(_Web, self.server).hits.append(self.path)
-        size = int(self.path.rsplit("/", 1)[1]) if self.path.startswith("/bytes/") else 0
-        body = b"x" * size if size else b"hello"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        web = cast(_Web, self.server)
-        with web.changed:
-            web.answered.append(self.path)
-            web.changed.notify_all()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def web() -> Iterator[_Web]:
-    """A stdlib ThreadingHTTPServer in a thread: GET /bytes/N answers N bytes, else hello."""
-    server = _Web(("127.0.0.1", 0), _Handler)
-    server.hits = []
-    server.answered = []
-    server.changed = threading.Condition()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-def web_address(server: _Web) -> tuple[str, int]:
-    host, port = server.server_address[:2]
-    return (str(host), int(port))
+# ---- a proxy in front of the module's http.server ----------------------------------------------
 
 
 @pytest.fixture
-def web_proxy(web: _Web) -> Iterator[FaultProxy]:
-    with FaultProxy(web_address(web), verbose=False) as proxy:
+def web_proxy(web: WebServer) -> Iterator[FaultProxy]:
+    with FaultProxy(web.address, verbose=False) as proxy:
         yield proxy
         proxy.check()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def redis_address() -> Iterator[tuple[str, int]]:
-    """A throwaway redis-server on a free loopback port (skipped when not installed)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server not found: apt-get install redis-server")
-    pytest.importorskip("redis")
-    for _ in range(5):  # another process may take the free port first
-        port = free_port()
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            if _answers_ping(("127.0.0.1", port), process):
-                yield ("127.0.0.1", port)
-                return
-        finally:
-            process.terminate()
-            process.wait(5)
-    pytest.fail("redis-server did not start")
-
-
-def _answers_ping(address: tuple[str, int], process: subprocess.Popen[bytes]) -> bool:
-    """Whether redis-server answers PING within 10 s. Polled (a subprocess's readiness has no
-    event), bounded in count and in time: each try takes at most 2 s."""
-    deadline = time.monotonic() + 10
-    for _ in range(1000):
-        if process.poll() is not None or time.monotonic() > deadline:
-            return False
-        with contextlib.suppress(OSError), socket.create_connection(address, timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            if sock.recv(64) == b"+PONG\r\n":
-                return True
-        time.sleep(0.01)  # not ready yet (refused, or loading)
-    return False
-
-
-def redis_client(address: tuple[str, int], timeout: float = 2.0) -> Any:
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    host, port = address
-    return redis.Redis(
-        host=host,
-        port=port,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
 
 
 # ---- passing bytes on faithfully ---------------------------------------------------------------
 
 
 def test_passes_bytes_both_ways_and_records_them() -> None:
-    with (
-        CommandServer([RECEIVE, "hello", RECEIVE, "again"], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([RECEIVE, "hello", RECEIVE, "again"]) as (server, proxy):
         assert proxy.upstream == f"{server.host}:{server.port}"
         assert proxy.url == f"http://127.0.0.1:{proxy.port}"
         with connect(proxy.address) as sock:
@@ -587,11 +443,11 @@ def test_passes_bytes_both_ways_and_records_them() -> None:
     assert proxy.to_script(0) == [3, b"hello", 3, b"again", HANGUP]
 
 
-def test_requests_through_the_proxy(web: _Web, web_proxy: FaultProxy) -> None:
+def test_requests_through_the_proxy(web: WebServer, web_proxy: FaultProxy) -> None:
     with requests.Session() as session:
         for _ in range(3):
             response = session.get(f"{web_proxy.url}/bytes/100000", timeout=5)
-            assert response.content == b"x" * 100000
+            assert response.content == pattern(100000)
     record = web_proxy.connections[0]
     assert len(web_proxy.connections) == 1  # keep-alive: one proxied connection
     assert record.client_sent.count(b"GET /bytes/100000") == 3
@@ -626,10 +482,7 @@ def test_half_close_from_the_client_reaches_the_server_and_the_reply_comes_back(
 
 
 def test_half_close_from_the_server_reaches_the_client_which_still_sends() -> None:
-    with (
-        CommandServer([RECEIVE, "hello", HALF_CLOSE, RECEIVE], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([RECEIVE, "hello", HALF_CLOSE, RECEIVE]) as (server, proxy):
         with connect(proxy.address) as sock:
             sock.sendall(b"first")
             assert read_to_eof(sock) == b"hello"
@@ -643,10 +496,7 @@ def test_half_close_from_the_server_reaches_the_client_which_still_sends() -> No
 
 
 def test_a_server_reset_reaches_the_client_as_a_reset() -> None:
-    with (
-        CommandServer([RECEIVE, "partial", RESET], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([RECEIVE, "partial", RESET]) as (_, proxy):
         with connect(proxy.address) as sock:
             sock.sendall(b"hi")
             with pytest.raises(ConnectionResetError):
@@ -659,10 +509,7 @@ def test_a_server_reset_reaches_the_client_as_a_reset() -> None:
 
 
 def test_a_client_reset_reaches_the_server_as_a_reset() -> None:
-    with (
-        CommandServer([RECEIVE, "a", RECEIVE], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([RECEIVE, "a", RECEIVE]) as (server, proxy):
         sock = socket.create_connection(proxy.address, timeout=5)
         sock.sendall(b"x")
         assert read_exactly(sock, 1) == b"a"
@@ -675,17 +522,8 @@ def test_a_client_reset_reaches_the_server_as_a_reset() -> None:
 
 def test_tls_passes_through_as_ciphertext() -> None:
     pytest.importorskip("trustme")
-    with (
-        CommandServer([RECEIVE, "secret reply"], tls=True, verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
-        context = server.client_ssl_context()
-        with (
-            connect(proxy.address) as raw,
-            context.wrap_socket(raw, server_hostname="localhost") as tls,
-        ):
-            tls.sendall(b"secret request")
-            assert read_to_eof(tls) == b"secret reply"
+    with proxied([RECEIVE, "secret reply"], tls=True) as (server, proxy):
+        assert tls_exchange(server, proxy.address, b"secret request") == b"secret reply"
         (record,) = proxy.wait_for_connections(1)
         server.check()
     assert record.client_sent[:1] == b"\x16"  # a TLS handshake record
@@ -747,10 +585,7 @@ def test_an_unreachable_upstream(mode: str) -> None:
 
 
 def test_down_refuses_and_keeps_the_port_then_up_serves_again() -> None:
-    with (
-        CommandServer([RECEIVE, "ok"], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([RECEIVE, "ok"]) as (_, proxy):
         proxy.down()
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(proxy.address, timeout=5).close()
@@ -763,10 +598,7 @@ def test_down_refuses_and_keeps_the_port_then_up_serves_again() -> None:
 
 
 def test_an_idle_connection_times_out() -> None:
-    with (
-        CommandServer([RECEIVE, STALL], verbose=False) as server,
-        FaultProxy(server.address, verbose=False, timeout=0.3) as proxy,
-    ):
+    with proxied([RECEIVE, STALL], proxy={"timeout": 0.3}) as (_, proxy):
         with connect(proxy.address) as sock:
             sock.sendall(b"hi")
             start = time.monotonic()
@@ -794,10 +626,7 @@ def test_close_ends_live_connections() -> None:
 
 
 def test_check_reports_internal_errors() -> None:
-    with (
-        CommandServer([RECEIVE, "ok"], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([RECEIVE, "ok"]) as (_, proxy):
         proxy.add(Hold(), connections=lambda record: 1 // 0)
         with connect(proxy.address) as sock:
             sock.sendall(b"hi")
@@ -822,10 +651,7 @@ def test_a_failure_while_a_side_is_served_costs_only_its_connection(
         return real_read(self, *args)
 
     monkeypatch.setattr(ProxyConnection, "_read", read_once_failing)
-    with (
-        CommandServer([RECEIVE, "ok"], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([RECEIVE, "ok"]) as (_, proxy):
         with connect(proxy.address) as sock:
             sock.sendall(b"hi")
             try:
@@ -853,7 +679,7 @@ def test_latency_with_requests(web_proxy: FaultProxy, direction: str) -> None:
         start = time.monotonic()
         response = requests.get(f"{web_proxy.url}/bytes/1000", timeout=5)
         elapsed = time.monotonic() - start
-    assert response.content == b"x" * 1000
+    assert response.content == pattern(1000)
     assert 0.3 <= elapsed < 0.6 + 0.5  # the chunks' delays ran side by side
 
 
@@ -862,15 +688,12 @@ def test_bandwidth_with_requests(web_proxy: FaultProxy) -> None:
         start = time.monotonic()
         response = requests.get(f"{web_proxy.url}/bytes/50000", timeout=5)
         elapsed = time.monotonic() - start
-    assert response.content == b"x" * 50000
+    assert response.content == pattern(50000)
     assert 0.4 < elapsed < 3
 
 
 def test_bandwidth_upstream() -> None:
-    with (
-        CommandServer([20_000, "ok"], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([20_000, "ok"]) as (_, proxy):
         proxy.add(Bandwidth(50_000, direction="upstream"))
         start = time.monotonic()
         with connect(proxy.address) as sock:
@@ -882,11 +705,8 @@ def test_bandwidth_upstream() -> None:
 def test_slicer_with_requests_and_raw_reads(web_proxy: FaultProxy) -> None:
     with web_proxy.fault(Slicer(7, size_variation=3, delay=0.001, direction="both")):
         response = requests.get(f"{web_proxy.url}/bytes/300", timeout=5)
-        assert response.content == b"x" * 300
-    with (
-        CommandServer([RECEIVE, b"y" * 100], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+        assert response.content == pattern(300)
+    with proxied([RECEIVE, b"y" * 100]) as (_, proxy):
         proxy.add(Slicer(10, delay=0.02))
         with connect(proxy.address) as sock:
             sock.sendall(b"go")
@@ -897,7 +717,7 @@ def test_slicer_with_requests_and_raw_reads(web_proxy: FaultProxy) -> None:
     assert len([piece for piece in reads if piece]) >= 3
 
 
-def test_timeout_downstream_is_a_read_timeout(web: _Web, web_proxy: FaultProxy) -> None:
+def test_timeout_downstream_is_a_read_timeout(web: WebServer, web_proxy: FaultProxy) -> None:
     hits = len(web.hits)
     web_proxy.add(Timeout())
     with pytest.raises(requests.exceptions.ReadTimeout):
@@ -911,7 +731,7 @@ def test_timeout_downstream_is_a_read_timeout(web: _Web, web_proxy: FaultProxy) 
     assert not record.ended  # the server's EOF waits for the Timeout's removal too
 
 
-def test_timeout_upstream_never_reaches_the_server(web: _Web, web_proxy: FaultProxy) -> None:
+def test_timeout_upstream_never_reaches_the_server(web: WebServer, web_proxy: FaultProxy) -> None:
     hits = len(web.hits)
     web_proxy.add(Timeout(direction="upstream"))
     with pytest.raises(requests.exceptions.ReadTimeout):
@@ -930,10 +750,7 @@ def test_timeout_with_seconds_closes_the_connection(web_proxy: FaultProxy) -> No
 
 
 def test_removing_a_timeout_resumes_the_flow() -> None:
-    with (
-        CommandServer([RECEIVE, "lost", Gate("sent"), RECEIVE, "found"], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([RECEIVE, "lost", Gate("sent"), RECEIVE, "found"]) as (server, proxy):
         handle = proxy.add(Timeout())
         with connect(proxy.address) as sock:
             sock.sendall(b"1")
@@ -975,7 +792,9 @@ def test_limit_data_then_reset(web_proxy: FaultProxy) -> None:
     assert record.outcome is Outcome.RESET
 
 
-def test_reset_peer_downstream_after_the_server_acted(web: _Web, web_proxy: FaultProxy) -> None:
+def test_reset_peer_downstream_after_the_server_acted(
+    web: WebServer, web_proxy: FaultProxy
+) -> None:
     hits = len(web.hits)
     web_proxy.add(ResetPeer())
     with pytest.raises(requests.exceptions.ConnectionError):
@@ -986,7 +805,7 @@ def test_reset_peer_downstream_after_the_server_acted(web: _Web, web_proxy: Faul
 
 
 def test_reset_peer_upstream_before_the_server_saw_anything(
-    web: _Web, web_proxy: FaultProxy
+    web: WebServer, web_proxy: FaultProxy
 ) -> None:
     hits = len(web.hits)
     web_proxy.add(ResetPeer(direction="upstream"))
@@ -996,7 +815,7 @@ def test_reset_peer_upstream_before_the_server_saw_anything(
     assert len(web.hits) == hits
 
 
-def test_hold_then_release(web: _Web, web_proxy: FaultProxy) -> None:
+def test_hold_then_release(web: WebServer, web_proxy: FaultProxy) -> None:
     handle = web_proxy.add(Hold())
     result: list[requests.Response] = []
     thread = threading.Thread(
@@ -1013,14 +832,13 @@ def test_hold_then_release(web: _Web, web_proxy: FaultProxy) -> None:
         web_proxy.remove(handle)
     finally:
         thread.join(5)
-    assert result[0].text == "hello"
+    assert result[0].text == "hello /hold"
     assert record.passed_downstream > 0
 
 
 def test_slow_close_downstream_and_upstream() -> None:
     with (
-        CommandServer([RECEIVE, "hi"], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
+        proxied([RECEIVE, "hi"]) as (server, proxy),
         proxy.fault(SlowClose(0.3)),
         connect(proxy.address) as sock,
     ):
@@ -1029,10 +847,7 @@ def test_slow_close_downstream_and_upstream() -> None:
         start = time.monotonic()
         assert read_to_eof(sock) == b""
         assert time.monotonic() - start >= 0.25
-    with (
-        CommandServer([RECEIVE, "hi", RECEIVE], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([RECEIVE, "hi", RECEIVE]) as (server, proxy):
         proxy.add(SlowClose(0.3, direction="upstream"))
         with connect(proxy.address) as sock:
             sock.sendall(b"x")
@@ -1110,10 +925,7 @@ def test_redis_first_attempt_fails_and_the_retry_passes(redis_address: tuple[str
 
 def test_probability_with_a_seed_makes_the_same_choices_twice() -> None:
     def run() -> tuple[set[int], set[int]]:
-        with (
-            CommandServer([RECEIVE, "ok"], verbose=False) as server,
-            FaultProxy(server.address, verbose=False) as proxy,
-        ):
+        with proxied([RECEIVE, "ok"]) as (_, proxy):
             proxy.add(ResetPeer(), probability=0.5, seed=11)
             failed = set()
             for index in range(16):
@@ -1134,15 +946,9 @@ def test_probability_with_a_seed_makes_the_same_choices_twice() -> None:
 
 def test_a_fault_added_while_100_connections_are_live() -> None:
     with (
-        CommandServer([RECEIVE, "a", RECEIVE, "b"], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-        contextlib.ExitStack() as stack,
+        proxied([RECEIVE, "a", RECEIVE, "b"]) as (_, proxy),
+        live_clients(proxy, 100) as socks,
     ):
-        socks = [stack.enter_context(connect(proxy.address)) for _ in range(100)]
-        for sock in socks:
-            sock.sendall(b"1")
-        for sock in socks:
-            assert read_exactly(sock, 1) == b"a"
         fault = LimitData(0)
         proxy.add(fault)  # in effect on every live connection when it returns
         for sock in socks:
@@ -1156,10 +962,7 @@ def test_a_fault_added_while_100_connections_are_live() -> None:
 
 
 def test_clear_and_the_context_manager_remove_faults() -> None:
-    with (
-        CommandServer([RECEIVE, "ok"], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([RECEIVE, "ok"]) as (_, proxy):
         with proxy.fault(Hold()) as handle:
             assert proxy.faults == [handle]
             proxy.add(Timeout())
@@ -1211,10 +1014,7 @@ def test_record_a_redis_session_and_replay_it(
 def test_record_a_server_that_speaks_first_and_replay_it(tmp_path: Path) -> None:
     script = ["220 hello\r\n", RECEIVE, "250 ok\r\n", RECEIVE, "221 bye\r\n"]
     path = tmp_path / "smtp.json"
-    with (
-        CommandServer(script, verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied(script) as (_, proxy):
         assert smtp_like(proxy.address) == b"220 hello\r\n250 ok\r\n221 bye\r\n"
         proxy.wait_for_connections(1)
         proxy.save(path)
@@ -1241,10 +1041,7 @@ def smtp_like(address: tuple[str, int]) -> bytes:
 
 def test_binary_bytes_survive_the_recording_file(tmp_path: Path) -> None:
     everything = bytes(range(256))
-    with (
-        CommandServer([256, everything], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([256, everything]) as (_, proxy):
         with connect(proxy.address) as sock:
             sock.sendall(everything[::-1])
             assert read_to_eof(sock) == everything
@@ -1281,10 +1078,7 @@ def test_bad_recordings_are_rejected(tmp_path: Path, content: str, message: str)
 
 
 def test_an_incomplete_record_cannot_become_a_script() -> None:
-    with (
-        CommandServer([RECEIVE, "x" * 100], verbose=False) as server,
-        FaultProxy(server.address, verbose=False, max_record=10) as proxy,
-    ):
+    with proxied([RECEIVE, "x" * 100], proxy={"max_record": 10}) as (_, proxy):
         with connect(proxy.address) as sock:
             sock.sendall(b"hi")
             assert read_to_eof(sock) == b"x" * 100
@@ -1322,10 +1116,8 @@ def send_until_refused(
 def test_a_client_flooding_a_slow_server_keeps_memory_bounded() -> None:
     total = 50 * MiB
     piece = memoryview(bytes(MiB))
-    with (
-        CommandServer([Gate("go"), total, "done"], verbose=False, max_receive=0) as server,
-        FaultProxy(server.address, verbose=False, max_record=0) as proxy,
-    ):
+    unrecorded = {"max_record": 0}  # the proxy keeps none of the flood (nor does the server)
+    with proxied([Gate("go"), total, "done"], max_receive=0, proxy=unrecorded) as (server, proxy):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         with connect(proxy.address, timeout=30) as sock:
             parked = server.gate("go").wait(5)  # the server reads nothing until resumed
@@ -1350,8 +1142,7 @@ def test_a_client_flooding_a_slow_server_keeps_memory_bounded() -> None:
 def test_a_thousand_proxied_connections_at_once() -> None:
     count = 1000
     with (
-        CommandServer([RECEIVE, "ok"], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
+        proxied([RECEIVE, "ok"]) as (_, proxy),
         selectors.DefaultSelector() as selector,
     ):
         replies: dict[socket.socket, bytes] = {}
@@ -1393,10 +1184,7 @@ def test_a_thousand_proxied_connections_at_once() -> None:
 
 def test_both_sides_resetting_at_once() -> None:
     count = 50
-    with (
-        CommandServer([RECEIVE, RESET], verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([RECEIVE, RESET]) as (server, proxy):
         for _ in range(count):
             sock = socket.create_connection(proxy.address, timeout=5)
             sock.sendall(b"x")
@@ -1413,10 +1201,7 @@ def test_both_sides_resetting_at_once() -> None:
 
 def test_a_tls_client_that_resets_mid_handshake() -> None:
     pytest.importorskip("trustme")
-    with (
-        CommandServer([RECEIVE, "x"], tls=True, verbose=False) as server,
-        FaultProxy(server.address, verbose=False) as proxy,
-    ):
+    with proxied([RECEIVE, "x"], tls=True) as (_, proxy):
         context = ssl.create_default_context()  # does not trust the server: the handshake fails
         for _ in range(5):
             with connect(proxy.address) as raw, pytest.raises(ssl.SSLError):
