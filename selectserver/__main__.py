@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar
 from ._connection import format_address
 from ._faults import AnyFault, Bandwidth, Latency, ResetPeer
 from ._proxy import FaultProxy
-from ._recording import ProxyRecord, load_recording
+from ._recording import DEFAULT_MAX_RECORD, ProxyRecord, load_recording
 from ._records import ConnectionRecord
 from ._script import Command, Delay, Expect, ReadUntil, compile_script
 from ._servers import CommandServer
@@ -460,7 +460,14 @@ def _proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.record is not None:
             _check_writable(args.record)
-        proxy = FaultProxy(args.upstream, args.host, args.port, args.verbose, timeout=args.timeout)
+        proxy = FaultProxy(
+            args.upstream,
+            args.host,
+            args.port,
+            args.verbose,
+            timeout=args.timeout,
+            max_record=args.max_record,
+        )
     except (TypeError, ValueError, OSError) as exc:
         return _error(exc)
     printed: set[int] = set()
@@ -497,6 +504,14 @@ def _proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         else:
             count = len(proxy.connections)
             print(f"selectserver: saved {count} connection(s) to {args.record}", flush=True)
+            for record in proxy.connections:
+                if record.unrecorded:
+                    print(
+                        f"selectserver: connection {record.index} was not recorded in full "
+                        f"({record.unrecorded} bytes past --max-record {args.max_record}): "
+                        "replay refuses it",
+                        file=sys.stderr,
+                    )
     print("selectserver: stopped", flush=True)
     return status
 
@@ -588,6 +603,14 @@ def _parser() -> argparse.ArgumentParser:
         "--record",
         metavar="FILE",
         help="on Ctrl-C or SIGTERM, save every connection to FILE, for replay FILE",
+    )
+    proxy.add_argument(
+        "--max-record",
+        type=_count,
+        metavar="BYTES",
+        default=DEFAULT_MAX_RECORD,
+        help="bytes each connection's record keeps, its first ones (default "
+        f"{DEFAULT_MAX_RECORD // (1024 * 1024)} MiB); a connection past it cannot be replayed",
     )
     proxy.add_argument("-v", "--verbose", action="store_true", help="print every event")
     proxy.set_defaults(run=_proxy, parser=proxy)

@@ -61,6 +61,7 @@ from ._faults import (
 from ._machine import DRAIN_BYTES, DRAIN_SECONDS
 from ._reactor import Reactor
 from ._recording import (
+    DEFAULT_MAX_RECORD,
     Chunk,
     ProxyLog,
     ProxyRecord,
@@ -69,7 +70,7 @@ from ._recording import (
     save_document,
     to_document,
 )
-from ._records import DEFAULT_MAX_RECEIVE, Outcome
+from ._records import Outcome
 from ._servers import (
     DEFAULT_TIMEOUT,
     _check_int,
@@ -547,8 +548,6 @@ class ProxyConnection:
                 self._close_side(side, reset=True)
         if all(side.closed for side in self._sides()):
             self._finish(self._outcome(), None, now, reset=True)
-        else:  # look again soon, then less and less often
-            self._reset_poll = min(2 * self._reset_poll, MAX_RESET_POLL_SECONDS)
 
     def _drain(self, now: float, budget: int) -> int:
         """Read and drop until both sides have closed, or for DRAIN_SECONDS at most."""
@@ -648,8 +647,9 @@ class ProxyConnection:
         phase = self._phase
         self._update_record()
         wake = self._deadline
-        if phase == _RESETTING:
+        if phase == _RESETTING:  # look again soon, then less and less often
             wake = _earliest(wake, now + self._reset_poll)
+            self._reset_poll = min(2 * self._reset_poll, MAX_RESET_POLL_SECONDS)
         if phase == _OPEN:
             timeout = self.listener.timeout
             if timeout is not None and not self._held(now):
@@ -874,8 +874,9 @@ class FaultProxy(_Served):
             ``TIMED_OUT``), and the longest an upstream connect may take; None: never.
         on_upstream_error: what a client gets when the upstream is unreachable: ``"reset"``
             (RST right after accept) or ``"close"`` (FIN).
-        max_record: bytes each connection's record keeps at most (both directions); the rest
-            is counted in its ``unrecorded``.
+        max_record: bytes each connection's record keeps: its first ones, both directions
+            together (8 MiB by default, so a flood or a download costs bounded memory); the
+            rest is counted in its ``unrecorded``, and such a record cannot be replayed.
         reactor: a started :class:`Reactor` instead of the shared default one.
 
     Raises:
@@ -896,7 +897,7 @@ class FaultProxy(_Served):
         timeout: float | None = DEFAULT_TIMEOUT,
         path: str | bytes | None = None,
         on_upstream_error: str = "reset",
-        max_record: int = DEFAULT_MAX_RECEIVE,
+        max_record: int = DEFAULT_MAX_RECORD,
         reactor: Reactor | None = None,
     ) -> None:
         check_reactor(reactor)

@@ -45,6 +45,7 @@ from ._records import Outcome, Signal
 from ._script import HANGUP, RESET
 
 __all__ = [
+    "DEFAULT_MAX_RECORD",
     "FORMAT",
     "VERSION",
     "Chunk",
@@ -55,6 +56,9 @@ __all__ = [
     "script_of",
 ]
 
+#: Bytes a proxied connection's record keeps by default (its first ones, both sides together):
+#: whole sessions of request-reply protocols, and a bounded cost for a flood or a download.
+DEFAULT_MAX_RECORD = 8 * 1024 * 1024
 FORMAT = "selectserver-recording"
 VERSION = 1
 
@@ -93,7 +97,8 @@ class ProxyRecord:
         via: the proxy's own address on the upstream connection (the server's ``peer``).
         passed_upstream, passed_downstream: bytes passed on to the server and to the client.
         dropped: bytes not passed on (a ``Timeout`` dropped them, or their destination left).
-        unrecorded: bytes passed but not kept in ``upstream``/``downstream`` (``max_record``).
+        unrecorded: bytes read but not kept in ``upstream``/``downstream``: the record keeps
+            the first ``max_record`` (8 MiB by default).
         peak_buffered: the most bytes the proxy held for this connection at once.
     """
 
@@ -115,7 +120,7 @@ class ProxyRecord:
     dropped: int = 0
     unrecorded: int = 0
     peak_buffered: int = 0
-    max_record: int = field(default=64 * 1024 * 1024, repr=False)
+    max_record: int = field(default=DEFAULT_MAX_RECORD, repr=False)
     _kept: int = field(default=0, repr=False)
     _last_at: float = field(default=-math.inf, repr=False)
     _on_end: Callable[[ProxyRecord], None] | None = field(default=None, repr=False)
@@ -136,10 +141,14 @@ class ProxyRecord:
         return b"".join(chunk.data for chunk in list(self.downstream))
 
     def add(self, upstream: bool, data: bytes, now: float) -> None:
-        """A side sent ``data`` (read at ``now``): keep it, up to ``max_record``."""
-        if self._kept + len(data) > self.max_record:
-            self.unrecorded += len(data)
-            return
+        """A side sent ``data`` (read at ``now``): keep it. The record keeps the first
+        ``max_record`` bytes (both sides together) and counts the rest in ``unrecorded``."""
+        room = self.max_record - self._kept
+        if len(data) > room:
+            self.unrecorded += len(data) - room
+            if not room:
+                return
+            data = data[:room]
         self._kept += len(data)
         at = max(now - self.accepted_at, math.nextafter(self._last_at, math.inf))
         self._last_at = at

@@ -495,6 +495,22 @@ def test_proxy_record_saves_live_connections_closed(tmp_path: Path) -> None:
     assert load_recording(path) == [[2, b"pong", HANGUP]]
 
 
+def test_proxy_max_record_warns_of_a_connection_replay_refuses(
+    pong: CommandServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "rec.json"
+    args = ["--record", str(path), "--max-record", "6"]
+    with proxying(f"127.0.0.1:{pong.port}", *args) as (proc, address):
+        assert exchange(address, b"ping") == b"pong"
+        read_until(proc, "  server -> client")
+        out, err = stop(proc)
+    assert proc.returncode == 0, err
+    assert f"selectserver: saved 1 connection(s) to {path}\n" in out
+    assert "connection 0 was not recorded in full (2 bytes past --max-record 6)" in err
+    with pytest.raises(ValueError, match="not recorded in full"):
+        load_recording(path)
+
+
 def test_replay_serves_the_recorded_connections_in_turn(tmp_path: Path) -> None:
     path = tmp_path / "rec.json"
     connections = [

@@ -76,7 +76,7 @@ from selectserver._proxy import (
     Timeout,
     load_recording,
 )
-from selectserver._recording import script_of
+from selectserver._recording import DEFAULT_MAX_RECORD, script_of
 
 # ---- helpers -----------------------------------------------------------------------------------
 
@@ -1077,15 +1077,33 @@ def test_bad_recordings_are_rejected(tmp_path: Path, content: str, message: str)
         load_recording(path)
 
 
-def test_an_incomplete_record_cannot_become_a_script() -> None:
-    with proxied([RECEIVE, "x" * 100], proxy={"max_record": 10}) as (_, proxy):
+def test_an_incomplete_record_keeps_the_first_bytes_and_cannot_become_a_script() -> None:
+    with proxied([RECEIVE, "x" * 100, RECEIVE, "y"], proxy={"max_record": 10}) as (_, proxy):
         with connect(proxy.address) as sock:
             sock.sendall(b"hi")
-            assert read_to_eof(sock) == b"x" * 100
+            assert read_exactly(sock, 100) == b"x" * 100
+            sock.sendall(b"!")  # after the record filled: counted, not kept
+            assert read_to_eof(sock) == b"y"
         (record,) = proxy.wait_for_connections(1)
-        assert record.unrecorded == 100
+        assert (record.client_sent, record.server_sent) == (b"hi", b"x" * 8)
+        assert record.unrecorded == 92 + 1 + 1
+        assert (record.passed_upstream, record.passed_downstream) == (3, 101)
         with pytest.raises(ValueError, match="not recorded in full"):
             proxy.to_script(0)
+
+
+def test_the_record_keeps_the_first_8_mib_by_default() -> None:
+    """So a flood or a download through the proxy costs bounded memory."""
+    reply = pattern(20 * MiB)
+    with proxied([RECEIVE, reply]) as (_, proxy):
+        with connect(proxy.address) as sock:
+            sock.sendall(b"go")
+            assert read_to_eof(sock, 32 * MiB) == reply
+        (record,) = proxy.wait_for_connections(1)
+    assert 8 * MiB == DEFAULT_MAX_RECORD
+    assert record.client_sent + record.server_sent == b"go" + reply[: DEFAULT_MAX_RECORD - 2]
+    assert record.unrecorded == len(reply) - (DEFAULT_MAX_RECORD - 2)
+    assert record.passed_downstream == len(reply)
 
 
 # ---- hostile -----------------------------------------------------------------------------------
