@@ -490,7 +490,7 @@ class Flow:
         """The queued items lose the delays ``key``'s fault gave them; their order is kept."""
         last = -math.inf
         for item in self._queue:
-            item.delays = tuple(delay for delay in item.delays if delay[0] is not key)
+            item.delays = tuple(delay for delay in item.delays if delay[0] != key)
             last = max(item.read_at + sum(seconds for _, seconds in item.delays), last)
             item.release_at = last
         self._last_release = last
