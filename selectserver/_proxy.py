@@ -618,11 +618,15 @@ class ProxyConnection:
         return " and ".join(parts)
 
     def _set_end(self, side: _Side, how: str) -> None:
+        """Note how ``side`` ended: its first end, unless the side reset (or failed) after its
+        EOF, which is then what it did last."""
         record = self.record
-        if side is self.client:
-            record.client_end = record.client_end or how
-        else:
-            record.server_end = record.server_end or how
+        now_said = record.client_end if side is self.client else record.server_end
+        if now_said is None or (now_said == "eof" and not how.endswith("by proxy")):
+            if side is self.client:
+                record.client_end = how
+            else:
+                record.server_end = how
 
     def _event(self, message: str, *args: object) -> None:
         self.listener.event(message, self.record.index, *args)
