@@ -48,6 +48,7 @@ from conftest import (
 )
 
 from selectserver import (
+    HALF_CLOSE,
     HANGUP,
     RECEIVE,
     RESET,
@@ -808,6 +809,27 @@ def test_tls_reset_mid_handshake_by_a_fault() -> None:
         proxy.check()
         canary_answers()
     assert record.outcome is Outcome.RESET
+
+
+def test_a_reset_after_an_eof_is_recorded_as_a_reset() -> None:
+    """A side that sends EOF, then RST: the proxy stops reading a side after its EOF, so it
+    learns of the RST when it next sends there; it passes the RST on, and the record shows the
+    reset as that side's end (found by fuzz/test_fuzz_proxy.py)."""
+    with proxied([HALF_CLOSE, RESET]) as (server, proxy):
+        with connect(proxy.address) as client:
+            assert client.recv(100) == b""  # the server's EOF, passed on
+            (served,) = server.wait_for_connections(1)
+            assert served.outcome is Outcome.RESET  # the server has reset since
+            client.sendall(b"late")  # the proxy's send to the server meets the reset
+            (record,) = proxy.wait_for_connections(1)
+            settle(proxy)  # the pass that ended the record has reset the client too
+            # After an EOF the kernel reports an RST on the next send, not on recv.
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                client.sendall(b"again")
+        proxy.check()
+    assert record.outcome is Outcome.PEER_RESET
+    assert (record.client_end, record.server_end) == ("reset by proxy", "reset")
+    assert record.detail == "the server reset"
 
 
 # ---- upstreams that are dead, slow to connect, or hostile --------------------------------------
