@@ -473,6 +473,8 @@ class Flow:
         if not fault.applies_to(self.direction):
             return False
         self._active.append(_Active(key, fault, now))
+        if isinstance(fault, Slicer):
+            self._piece_left = 0  # the newest slicer sizes the next piece
         return True
 
     def remove(self, key: object) -> None:

@@ -246,6 +246,17 @@ def test_slicer_cuts_each_chunk_with_a_delay_after_each_piece() -> None:
     assert out == [(0.0, b"abcd"), (0.05, b"efgh"), (0.1, b"ij"), (0.15, b"kl")]
 
 
+def test_a_new_slicer_sizes_the_next_piece() -> None:
+    flow = Flow("downstream")
+    flow.add("big", Slicer(6), 0.0)
+    flow.feed(b"abcdefghij", 0.0)
+    action = flow.next_action(0.0)
+    assert isinstance(action, Send)
+    flow.sent(2, 0.0)  # 2 bytes of a 6-byte piece went
+    flow.add("small", Slicer(3), 0.0)
+    assert [data for _, data in simulate(flow)[0]] == [b"cde", b"fgh", b"ij"]
+
+
 def test_slicer_sizes_vary_within_bounds_and_replay() -> None:
     def sizes() -> list[int]:
         flow = Flow("downstream")
