@@ -18,14 +18,12 @@ import errno
 import selectors
 import socket
 import struct
-import threading
-import time
-from collections.abc import Callable
 
+from selectserver._control import run_on_reactor
 from selectserver._proxy import READ_SIZE as PROXY_READ_SIZE
 from selectserver._reactor import Reactor
 
-from .common import WAIT_SECONDS, Address, Script, listening_socket
+from .common import Address, Script, listening_socket
 
 __all__ = ["RawProxyGroup"]
 
@@ -285,43 +283,6 @@ class _Listener:
         self.close()
 
 
-def _call(reactor: Reactor, command: Callable[[], None]) -> bool:
-    """Run ``command`` on ``reactor``'s thread and wait for it, raising what it raised.
-
-    False if the reactor has stopped (``command`` did not run).
-
-    Raises:
-        RuntimeError: the reactor did not run it within ``WAIT_SECONDS``.
-    """
-    done = threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            command()
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            done.set()
-
-    if not reactor.submit(run):
-        return False
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not done.wait(0.05):
-        if not reactor.thread.is_alive():
-            if done.is_set():
-                break
-            return False  # it stopped with the command still queued: it will not run
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"the selectserver reactor did not answer within {WAIT_SECONDS} s: "
-                f"{reactor.doing()}"
-            )
-    if failure:
-        raise failure[0]
-    return True
-
-
 class RawProxyGroup:
     """``n`` selectserver servers, each behind a minimal relay on its own reactor."""
 
@@ -334,8 +295,7 @@ class RawProxyGroup:
             for server in self.upstream.servers:
                 listener = _Listener(server._reactor, server.address)
                 self.listeners.append(listener)
-                if not _call(listener.reactor, listener.register):
-                    raise RuntimeError("the selectserver reactor stopped")
+                run_on_reactor(listener.reactor, listener.register)
         except BaseException:
             self.close()
             raise
@@ -350,7 +310,9 @@ class RawProxyGroup:
         """Close the relays on their reactor thread, then the servers; raise what crashed."""
         try:
             for listener in self.listeners:
-                if not _call(listener.reactor, listener.close):
+                try:
+                    run_on_reactor(listener.reactor, listener.close)
+                except RuntimeError:  # the reactor has stopped: close the sockets here
                     listener.abandon()
         finally:
             self.upstream.close()
