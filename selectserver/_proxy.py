@@ -522,9 +522,9 @@ class ProxyConnection:
         self.record.end(outcome, detail, now)
 
     def _reset(self, outcome: Outcome, detail: str, now: float) -> None:
-        """End with an RST to both sides: the record ends now, and each side is reset once the
-        bytes passed to it have left the proxy (an RST discards what the kernel still holds to
-        send), or after DRAIN_SECONDS at most."""
+        """End with an RST to both sides: the record ends now, and the pump resets each side
+        once the bytes passed to it have left the proxy (an RST discards what the kernel still
+        holds to send), or after DRAIN_SECONDS at most."""
         self.up.discard()
         self.down.discard()
         self._phase = _RESETTING
@@ -537,7 +537,6 @@ class ProxyConnection:
         self._event("#%d resetting: %s", detail)
         self._update_record()
         self.record.end(outcome, detail, now)
-        self._reset_sent(now)
 
     def _reset_sent(self, now: float) -> None:
         """Reset each side whose bytes have left; end the connection once both are reset."""
