@@ -18,6 +18,7 @@ redis-server's start-up is polled (in ``conftest``): a subprocess's readiness ha
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import json
 import random
@@ -47,6 +48,7 @@ from conftest import (
     reset_close,
 )
 
+import selectserver._proxy
 from selectserver import (
     HALF_CLOSE,
     HANGUP,
@@ -830,6 +832,51 @@ def test_a_reset_after_an_eof_is_recorded_as_a_reset() -> None:
     assert record.outcome is Outcome.PEER_RESET
     assert (record.client_end, record.server_end) == ("reset by proxy", "reset")
     assert record.detail == "the server reset"
+
+
+class _FailingIoctl:
+    """Stands in for ``fcntl`` in the proxy: every ioctl fails."""
+
+    @staticmethod
+    def ioctl(*args: object) -> bytes:
+        raise OSError(errno.ENOTTY, "injected")
+
+
+def test_a_reset_whose_send_queue_cannot_be_read_goes_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If the kernel cannot say what it still holds, the proxy resets without waiting."""
+    monkeypatch.setattr(selectserver._proxy, "fcntl", _FailingIoctl)
+    with proxied([RECEIVE, "pong", STALL]) as (_, proxy):
+        proxy.add(ResetPeer(after_bytes=2))
+        with connect(proxy.address) as sock:
+            sock.sendall(b"ping")
+            assert read_until_end(sock) == (b"po", "reset")
+        (record,) = proxy.wait_for_connections(1)
+        proxy.check()
+        canary_answers()
+    assert record.outcome is Outcome.RESET
+
+
+def test_a_reset_waits_for_its_send_queue_at_most_drain_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kernel that always says bytes are still queued delays the RST by DRAIN_SECONDS at
+    most; the reactor serves others meanwhile."""
+    monkeypatch.setattr(selectserver._proxy, "_unsent", lambda sock: 1)
+    monkeypatch.setattr(selectserver._proxy, "DRAIN_SECONDS", 0.3)
+    with proxied([RECEIVE, "pong", STALL]) as (_, proxy):
+        proxy.add(ResetPeer(after_bytes=2))
+        with connect(proxy.address) as sock:
+            sock.sendall(b"ping")
+            assert read_exactly(sock, 2) == b"po"
+            (record,) = proxy.wait_for_connections(1)  # ended when the reset was decided
+            canary_answers()  # while the proxy waits on the send queue
+            started = time.monotonic()
+            assert read_until_end(sock) == (b"", "reset")
+            assert time.monotonic() - started < 5
+        proxy.check()
+    assert record.outcome is Outcome.RESET
 
 
 # ---- upstreams that are dead, slow to connect, or hostile --------------------------------------
